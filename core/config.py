@@ -1,0 +1,168 @@
+"""Settings: one frozen object loaded once from the environment (and a ``.env`` file)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from dotenv import dotenv_values
+
+from core.errors import ConfigError
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful assistant in a team chat. Answer clearly and concisely; "
+    "use Markdown for code and lists."
+)
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///threadbot.db"
+HISTORY_STRATEGIES = ("count", "tokens", "summary")
+PROVIDERS = ("openai", "anthropic", "offline")
+SLACK_STREAMING_MODES = ("auto", "native", "update")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting threadbot reads. Built by ``Settings.load()``; never read os.environ elsewhere."""
+
+    llm_provider: str = "offline"
+    llm_model: str | None = None
+    openai_api_key: str | None = None
+    openai_base_url: str | None = None
+    anthropic_api_key: str | None = None
+    anthropic_base_url: str | None = None
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    database_url: str = DEFAULT_DATABASE_URL
+    history_strategy: str = "count"
+    max_history_messages: int = 20
+    max_history_tokens: int = 8000
+    # Tokens kept free for the model's answer inside MAX_HISTORY_TOKENS.
+    reply_reserve_tokens: int = 1024
+    max_reply_tokens: int = 2048
+    max_retry_attempts: int = 4
+    # Longest user message accepted, in characters; longer ones get a clear refusal.
+    max_input_chars: int = 40_000
+    # Provider request timeout in seconds (connect + between chunks).
+    llm_timeout: float = 60.0
+    # Offline provider: seconds between streamed words (0 streams at full speed).
+    offline_delay: float = 0.02
+    require_mention: bool = False
+    slack_bot_token: str | None = None
+    slack_signing_secret: str | None = None
+    slack_app_token: str | None = None
+    slack_api_url: str = "https://slack.com/api/"
+    slack_command: str = "/chatbot"
+    slack_streaming: str = "auto"
+    port: int = 3000
+    discord_bot_token: str | None = None
+    discord_api_url: str | None = None
+    discord_gateway_url: str | None = None
+    discord_command_guilds: tuple[str, ...] = ()
+    redis_url: str | None = None
+    log_level: str = "INFO"
+
+    @classmethod
+    def load(
+        cls, environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env"
+    ) -> Settings:
+        """Read settings from ``environ`` (default: the process environment) over ``env_file``."""
+        values: dict[str, str] = {}
+        if env_file is not None and Path(env_file).is_file():
+            values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+        values.update(os.environ if environ is None else environ)
+        return cls.from_mapping(values)
+
+    @classmethod
+    def from_mapping(cls, env: Mapping[str, str]) -> Settings:
+        """Build settings from a mapping of environment variable names to values."""
+
+        def get(name: str) -> str | None:
+            value = env.get(name)
+            return value.strip() if value is not None and value.strip() else None
+
+        def get_int(name: str, default: int, minimum: int = 0) -> int:
+            raw = get(name)
+            if raw is None:
+                return default
+            try:
+                value = int(raw)
+            except ValueError:
+                raise ConfigError(f"{name} must be a whole number, not {raw!r}", setting=name)
+            if value < minimum:
+                raise ConfigError(f"{name} must be at least {minimum}, not {value}", setting=name)
+            return value
+
+        def get_float(name: str, default: float) -> float:
+            raw = get(name)
+            if raw is None:
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ConfigError(f"{name} must be a number, not {raw!r}", setting=name)
+            if value < 0:
+                raise ConfigError(f"{name} must not be negative", setting=name)
+            return value
+
+        def get_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+            value = (get(name) or default).lower()
+            if value not in choices:
+                raise ConfigError(
+                    f"{name} must be one of {', '.join(choices)}, not {value!r}", setting=name
+                )
+            return value
+
+        anthropic_key = get("ANTHROPIC_API_KEY")
+        openai_key = get("OPENAI_API_KEY")
+        openai_url = get("OPENAI_BASE_URL")
+        if anthropic_key:
+            default_provider = "anthropic"
+        elif openai_key or openai_url:
+            default_provider = "openai"
+        else:
+            default_provider = "offline"
+        guilds = tuple(
+            g.strip() for g in (get("DISCORD_COMMAND_GUILDS") or "").split(",") if g.strip()
+        )
+        return cls(
+            llm_provider=get_choice("LLM_PROVIDER", default_provider, PROVIDERS),
+            llm_model=get("LLM_MODEL"),
+            openai_api_key=openai_key,
+            openai_base_url=openai_url,
+            anthropic_api_key=anthropic_key,
+            anthropic_base_url=get("ANTHROPIC_BASE_URL"),
+            system_prompt=get("SYSTEM_PROMPT") or DEFAULT_SYSTEM_PROMPT,
+            database_url=get("DATABASE_URL") or DEFAULT_DATABASE_URL,
+            history_strategy=get_choice("HISTORY_STRATEGY", "count", HISTORY_STRATEGIES),
+            max_history_messages=get_int("MAX_HISTORY_MESSAGES", 20, minimum=1),
+            max_history_tokens=get_int("MAX_HISTORY_TOKENS", 8000, minimum=1),
+            reply_reserve_tokens=get_int("REPLY_RESERVE_TOKENS", 1024),
+            max_reply_tokens=get_int("MAX_REPLY_TOKENS", 2048, minimum=1),
+            max_retry_attempts=get_int("MAX_RETRY_ATTEMPTS", 4, minimum=1),
+            max_input_chars=get_int("MAX_INPUT_CHARS", 40_000, minimum=1),
+            llm_timeout=get_float("LLM_TIMEOUT", 60.0),
+            offline_delay=get_float("OFFLINE_DELAY", 0.02),
+            require_mention=(get("REQUIRE_MENTION") or "false").lower() in ("1", "true", "yes"),
+            slack_bot_token=get("SLACK_BOT_TOKEN"),
+            slack_signing_secret=get("SLACK_SIGNING_SECRET"),
+            slack_app_token=get("SLACK_APP_TOKEN"),
+            slack_api_url=get("SLACK_API_URL") or "https://slack.com/api/",
+            slack_command=get("SLACK_COMMAND") or "/chatbot",
+            slack_streaming=get_choice("SLACK_STREAMING", "auto", SLACK_STREAMING_MODES),
+            port=get_int("PORT", 3000, minimum=1),
+            discord_bot_token=get("DISCORD_BOT_TOKEN"),
+            discord_api_url=get("DISCORD_API_URL"),
+            discord_gateway_url=get("DISCORD_GATEWAY_URL"),
+            discord_command_guilds=guilds,
+            redis_url=get("REDIS_URL"),
+            log_level=(get("LOG_LEVEL") or "INFO").upper(),
+        )
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (tests, per-channel overrides)."""
+        names = {f.name for f in fields(self)}
+        unknown = set(changes) - names
+        if unknown:
+            raise TypeError(f"unknown settings: {sorted(unknown)}")
+        return replace(self, **changes)

@@ -1,0 +1,94 @@
+"""The error tree of threadbot.
+
+Foreign exceptions (from the OpenAI and Anthropic SDKs, slack_sdk, discord.py, SQLAlchemy) are
+translated into these at the boundary where they happen, raising ``ours from theirs``, so the
+engine and the adapters only ever reason about this tree::
+
+    ThreadbotError
+    ├── ConfigError                   a setting is missing or wrong; names the variable to fix
+    ├── ProviderError                 the language model could not answer
+    │   ├── TransientProviderError    rate limit, 5xx, overload, timeout, dropped stream: retry
+    │   └── PermanentProviderError    bad request, unknown model, ...: never retried
+    │       └── ProviderAuthError     the key is missing or refused: the operator must fix a setting
+    ├── SurfaceError                  a platform call (post, edit) failed
+    │   ├── SurfaceRateLimited        the platform answered 429; pause the scope for retry_after
+    │   ├── TransientSurfaceError     5xx, timeout, connection reset: the call may be tried again
+    │   └── PermanentSurfaceError     not allowed, message gone, ...: trying again will not help
+    └── InputError                    the user's message cannot be answered as sent
+"""
+
+from __future__ import annotations
+
+
+class ThreadbotError(Exception):
+    """Base of every error threadbot raises on purpose."""
+
+
+class ConfigError(ThreadbotError):
+    """A setting is missing or invalid. The message names the environment variable to change."""
+
+    def __init__(self, message: str, *, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+class ProviderError(ThreadbotError):
+    """The language model provider could not produce an answer."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class TransientProviderError(ProviderError):
+    """A failure worth retrying: rate limit, server error, overload, timeout, dropped stream.
+
+    ``retry_after`` is the server's own advice in seconds when it gave one.
+    """
+
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, status: int | None = None
+    ) -> None:
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+
+
+class PermanentProviderError(ProviderError):
+    """A failure that retrying cannot fix: bad request, unknown model, content refused."""
+
+
+class ProviderAuthError(PermanentProviderError):
+    """The provider refused the credentials (or none were given). ``setting`` names the key."""
+
+    def __init__(self, message: str, *, setting: str, status: int | None = None) -> None:
+        super().__init__(message, status=status)
+        self.setting = setting
+
+
+class SurfaceError(ThreadbotError):
+    """A platform call made to show a reply failed."""
+
+
+class SurfaceRateLimited(SurfaceError):
+    """The platform answered 429. The whole rate-limit scope waits ``retry_after`` seconds."""
+
+    def __init__(self, message: str, *, retry_after: float, scope: str | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.scope = scope
+
+
+class TransientSurfaceError(SurfaceError):
+    """A platform call failed in a way that may succeed when tried again (5xx, timeout)."""
+
+
+class PermanentSurfaceError(SurfaceError):
+    """A platform call failed for good: not allowed, message deleted, invalid arguments."""
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class InputError(ThreadbotError):
+    """The user's message cannot be answered as sent; the message is shown to the user."""

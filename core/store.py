@@ -1,0 +1,538 @@
+"""ConversationStore: the only code that speaks SQL.
+
+SQLAlchemy 2 async models for conversations, their messages, per-channel settings and the
+platform events already processed; Alembic migrations (``migrations/``) create the schema. SQLite
+(WAL) is the embedded default; PostgreSQL through ``DATABASE_URL`` for several processes, where a
+per-conversation advisory lock serialises turns across processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    delete,
+    event,
+    func,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from core.conversation import ChatMessage, ConversationKey, Role
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+# SQLite only autoincrements INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ConversationRow(Base):
+    __tablename__ = "conversations"
+    __table_args__ = (
+        UniqueConstraint("platform", "workspace", "channel", "thread", name="uq_conversation_key"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    platform: Mapped[str] = mapped_column(String(32))
+    workspace: Mapped[str] = mapped_column(String(128))
+    channel: Mapped[str] = mapped_column(String(128))
+    thread: Mapped[str] = mapped_column(String(128))
+    # A reset starts a new generation: older messages stay stored but are no longer sent.
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    system_prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
+    summary: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The newest message folded into ``summary``; messages up to it are not sent again.
+    summary_upto_id: Mapped[int | None] = mapped_column(BigId, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class MessageRow(Base):
+    __tablename__ = "messages"
+    __table_args__ = (Index("ix_messages_window", "conversation_id", "generation", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("conversations.id", ondelete="CASCADE")
+    )
+    generation: Mapped[int] = mapped_column(Integer)
+    role: Mapped[str] = mapped_column(String(16))
+    content: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    user_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # Platform ids of the message(s) showing this text, comma-separated (long replies span several).
+    platform_message_ids: Mapped[str | None] = mapped_column(Text, nullable=True)
+    input_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    output_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    first_token_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    duration_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Which provider/model and system prompt produced an assistant message.
+    model: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    prompt_variant: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class ChannelSettingsRow(Base):
+    __tablename__ = "channel_settings"
+    __table_args__ = (
+        UniqueConstraint("platform", "workspace", "channel", name="uq_channel_settings"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    platform: Mapped[str] = mapped_column(String(32))
+    workspace: Mapped[str] = mapped_column(String(128))
+    channel: Mapped[str] = mapped_column(String(128))
+    system_prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
+    history_strategy: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    max_history_messages: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_history_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class ProcessedEventRow(Base):
+    __tablename__ = "processed_events"
+    __table_args__ = (UniqueConstraint("platform", "event_key", name="uq_processed_event"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    platform: Mapped[str] = mapped_column(String(32))
+    event_key: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, index=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """A conversation as the engine sees it."""
+
+    id: int
+    key: ConversationKey
+    generation: int
+    system_prompt: str | None
+    summary: str | None
+    summary_upto_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A stored message of a conversation."""
+
+    id: int
+    role: Role
+    content: str
+    created_at: datetime
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+    def as_chat(self) -> ChatMessage:
+        return ChatMessage(self.role, self.content)
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelSettings:
+    """Per-channel defaults: the system prompt and history overrides for new threads."""
+
+    system_prompt: str | None = None
+    history_strategy: str | None = None
+    max_history_messages: int | None = None
+    max_history_tokens: int | None = None
+
+
+def _conversation(row: ConversationRow) -> Conversation:
+    return Conversation(
+        id=row.id,
+        key=ConversationKey(row.platform, row.workspace, row.channel, row.thread),
+        generation=row.generation,
+        system_prompt=row.system_prompt,
+        summary=row.summary,
+        summary_upto_id=row.summary_upto_id,
+    )
+
+
+def _message(row: MessageRow) -> StoredMessage:
+    role: Role = "assistant" if row.role == "assistant" else "user"
+    return StoredMessage(
+        id=row.id,
+        role=role,
+        content=row.content,
+        created_at=row.created_at,
+        input_tokens=row.input_tokens,
+        output_tokens=row.output_tokens,
+    )
+
+
+def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers proceed while a turn writes; busy_timeout waits instead of failing.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _upgrade(connection: Connection) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["connection"] = connection
+    command.upgrade(cfg, "head")
+
+
+class ConversationStore:
+    """Conversations, their messages, channel defaults and processed events, in one database.
+
+    Build with ``await ConversationStore.open(url)``, which applies the migrations; ``close()``
+    when done.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.is_postgres = engine.dialect.name == "postgresql"
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._lock_users: dict[int, int] = {}
+
+    @classmethod
+    async def open(cls, url: str, *, migrate: bool = True) -> ConversationStore:
+        """Connect to ``url`` (any async SQLAlchemy URL) and bring the schema up to date."""
+        parsed = make_url(url)
+        kwargs: dict[str, Any] = {}
+        if parsed.get_backend_name() == "postgresql":
+            # A turn holds one connection for its advisory lock; leave room for the rest.
+            kwargs.update(pool_size=20, max_overflow=20, pool_pre_ping=True)
+        elif parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, **kwargs)
+        if engine.dialect.name == "sqlite":
+            event.listen(engine.sync_engine, "connect", _set_sqlite_pragmas)
+        store = cls(engine)
+        if migrate:
+            await store.migrate()
+        return store
+
+    async def migrate(self) -> None:
+        """Apply every Alembic migration not yet applied."""
+        async with self.engine.begin() as conn:
+            if self.is_postgres:
+                # Two workers starting at once must not both create the tables.
+                await conn.execute(text("SELECT pg_advisory_xact_lock(7461237)"))
+            await conn.run_sync(_upgrade)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    # -- conversations -------------------------------------------------------------------------
+
+    async def find(self, key: ConversationKey) -> Conversation | None:
+        """The conversation at ``key``, if there is one."""
+        async with self._sessions() as session:
+            row = await session.scalar(self._select_key(key))
+            return _conversation(row) if row else None
+
+    async def get(self, conversation_id: int) -> Conversation:
+        async with self._sessions() as session:
+            row = await session.get(ConversationRow, conversation_id)
+            if row is None:
+                raise LookupError(f"no conversation {conversation_id}")
+            return _conversation(row)
+
+    async def get_or_create(
+        self, key: ConversationKey, *, seed: Sequence[ChatMessage] = ()
+    ) -> tuple[Conversation, bool]:
+        """The conversation at ``key``, created (with ``seed`` as its first messages) if new.
+
+        Returns ``(conversation, created)``. Safe against two processes creating it at once.
+        """
+        found = await self.find(key)
+        if found is not None:
+            return found, False
+        try:
+            async with self._sessions.begin() as session:
+                row = ConversationRow(
+                    platform=key.platform,
+                    workspace=key.workspace,
+                    channel=key.channel,
+                    thread=key.thread,
+                    generation=0,
+                )
+                session.add(row)
+                await session.flush()
+                for message in seed:
+                    session.add(
+                        MessageRow(
+                            conversation_id=row.id,
+                            generation=0,
+                            role=message.role,
+                            content=message.content,
+                        )
+                    )
+            return _conversation(row), True
+        except IntegrityError:
+            # Someone else created it between our read and our insert.
+            found = await self.find(key)
+            if found is None:
+                raise
+            return found, False
+
+    async def reset(self, conversation_id: int) -> None:
+        """Start the conversation over; earlier messages stay stored but are no longer sent."""
+        async with self._sessions.begin() as session:
+            await session.execute(
+                update(ConversationRow)
+                .where(ConversationRow.id == conversation_id)
+                .values(
+                    generation=ConversationRow.generation + 1,
+                    summary=None,
+                    summary_upto_id=None,
+                    updated_at=_now(),
+                )
+            )
+
+    async def set_system_prompt(self, conversation_id: int, prompt: str | None) -> None:
+        """Set (or with ``None`` clear) the conversation's own system prompt."""
+        async with self._sessions.begin() as session:
+            await session.execute(
+                update(ConversationRow)
+                .where(ConversationRow.id == conversation_id)
+                .values(system_prompt=prompt, updated_at=_now())
+            )
+
+    async def set_summary(self, conversation_id: int, summary: str, upto_id: int) -> None:
+        """Store the running summary, covering messages up to ``upto_id``."""
+        async with self._sessions.begin() as session:
+            await session.execute(
+                update(ConversationRow)
+                .where(ConversationRow.id == conversation_id)
+                .values(summary=summary, summary_upto_id=upto_id, updated_at=_now())
+            )
+
+    # -- messages ------------------------------------------------------------------------------
+
+    async def append(
+        self,
+        conversation: Conversation,
+        role: Role,
+        content: str,
+        *,
+        user_id: str | None = None,
+        platform_message_ids: Sequence[str] = (),
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        first_token_ms: int | None = None,
+        duration_ms: int | None = None,
+        model: str | None = None,
+        prompt_variant: str | None = None,
+    ) -> StoredMessage:
+        """Add a message to the conversation's current generation."""
+        async with self._sessions.begin() as session:
+            generation = await session.scalar(
+                select(ConversationRow.generation).where(ConversationRow.id == conversation.id)
+            )
+            row = MessageRow(
+                conversation_id=conversation.id,
+                generation=conversation.generation if generation is None else generation,
+                role=role,
+                content=content,
+                user_id=user_id,
+                platform_message_ids=",".join(platform_message_ids) or None,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                first_token_ms=first_token_ms,
+                duration_ms=duration_ms,
+                model=model,
+                prompt_variant=prompt_variant,
+            )
+            session.add(row)
+            await session.execute(
+                update(ConversationRow)
+                .where(ConversationRow.id == conversation.id)
+                .values(updated_at=_now())
+            )
+            await session.flush()
+            return _message(row)
+
+    async def history(
+        self, conversation: Conversation, *, limit: int | None, after_id: int | None = None
+    ) -> list[StoredMessage]:
+        """The newest ``limit`` messages of the current generation, oldest first.
+
+        Messages with ids up to ``after_id`` (already folded into a summary) are left out. Reads
+        only the rows asked for, through the (conversation, generation, id) index.
+        """
+        query = (
+            select(MessageRow)
+            .where(
+                MessageRow.conversation_id == conversation.id,
+                MessageRow.generation == select(ConversationRow.generation)
+                .where(ConversationRow.id == conversation.id)
+                .scalar_subquery(),
+            )
+            .order_by(MessageRow.id.desc())
+        )
+        if after_id is not None:
+            query = query.where(MessageRow.id > after_id)
+        if limit is not None:
+            query = query.limit(limit)
+        async with self._sessions() as session:
+            rows = (await session.scalars(query)).all()
+        return [_message(row) for row in reversed(rows)]
+
+    async def count_messages(self, conversation: Conversation, *, all_generations: bool = False) -> int:
+        query = select(func.count()).select_from(MessageRow).where(
+            MessageRow.conversation_id == conversation.id
+        )
+        if not all_generations:
+            query = query.where(
+                MessageRow.generation
+                == select(ConversationRow.generation)
+                .where(ConversationRow.id == conversation.id)
+                .scalar_subquery()
+            )
+        async with self._sessions() as session:
+            return int(await session.scalar(query) or 0)
+
+    # -- channel defaults ----------------------------------------------------------------------
+
+    async def channel_settings(self, platform: str, workspace: str, channel: str) -> ChannelSettings:
+        """The channel's defaults (all ``None`` when it has none)."""
+        async with self._sessions() as session:
+            row = await session.scalar(self._select_channel(platform, workspace, channel))
+        if row is None:
+            return ChannelSettings()
+        return ChannelSettings(
+            system_prompt=row.system_prompt,
+            history_strategy=row.history_strategy,
+            max_history_messages=row.max_history_messages,
+            max_history_tokens=row.max_history_tokens,
+        )
+
+    async def update_channel_settings(
+        self, platform: str, workspace: str, channel: str, **values: Any
+    ) -> None:
+        """Set some of a channel's defaults (``system_prompt``, ``history_strategy``, ...)."""
+        allowed = {"system_prompt", "history_strategy", "max_history_messages", "max_history_tokens"}
+        unknown = set(values) - allowed
+        if unknown:
+            raise TypeError(f"unknown channel settings: {sorted(unknown)}")
+        for attempt in range(2):
+            try:
+                async with self._sessions.begin() as session:
+                    row = await session.scalar(self._select_channel(platform, workspace, channel))
+                    if row is None:
+                        row = ChannelSettingsRow(platform=platform, workspace=workspace, channel=channel)
+                        session.add(row)
+                    for name, value in values.items():
+                        setattr(row, name, value)
+                    row.updated_at = _now()
+                return
+            except IntegrityError:
+                if attempt:
+                    raise
+
+    # -- events --------------------------------------------------------------------------------
+
+    async def claim_event(self, platform: str, event_key: str) -> bool:
+        """Record a platform event as processed. False when it already was (a redelivery)."""
+        try:
+            async with self._sessions.begin() as session:
+                session.add(ProcessedEventRow(platform=platform, event_key=event_key[:255]))
+            return True
+        except IntegrityError:
+            return False
+
+    async def prune_events(self, older_than: timedelta = timedelta(days=2)) -> int:
+        """Forget processed events older than any platform would redeliver."""
+        async with self._sessions.begin() as session:
+            result = await session.execute(
+                delete(ProcessedEventRow).where(ProcessedEventRow.created_at < _now() - older_than)
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    # -- serialisation -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def conversation_lock(self, conversation_id: int) -> AsyncIterator[None]:
+        """Hold the conversation so its turns run one at a time, in arrival order.
+
+        An asyncio lock orders turns within this process (asyncio locks are FIFO); on PostgreSQL
+        a session advisory lock, held on its own connection, orders them across processes.
+        """
+        lock = self._locks.get(conversation_id)
+        if lock is None:
+            lock = self._locks[conversation_id] = asyncio.Lock()
+        self._lock_users[conversation_id] = self._lock_users.get(conversation_id, 0) + 1
+        try:
+            async with lock:
+                if not self.is_postgres:
+                    yield
+                    return
+                key = _advisory_key(conversation_id)
+                async with self.engine.connect() as conn:
+                    await conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                    await conn.commit()
+                    try:
+                        yield
+                    finally:
+                        await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                        await conn.commit()
+        finally:
+            self._lock_users[conversation_id] -= 1
+            if self._lock_users[conversation_id] == 0:
+                del self._lock_users[conversation_id]
+                del self._locks[conversation_id]
+
+    # -- queries -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _select_key(key: ConversationKey) -> Any:
+        return select(ConversationRow).where(
+            ConversationRow.platform == key.platform,
+            ConversationRow.workspace == key.workspace,
+            ConversationRow.channel == key.channel,
+            ConversationRow.thread == key.thread,
+        )
+
+    @staticmethod
+    def _select_channel(platform: str, workspace: str, channel: str) -> Any:
+        return select(ChannelSettingsRow).where(
+            ChannelSettingsRow.platform == platform,
+            ChannelSettingsRow.workspace == workspace,
+            ChannelSettingsRow.channel == channel,
+        )
+
+
+def _advisory_key(conversation_id: int) -> int:
+    # A 64-bit signed key in a namespace of our own, so other users of advisory locks don't clash.
+    digest = hashlib.blake2b(f"threadbot:conversation:{conversation_id}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big", signed=True)
