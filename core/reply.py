@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -63,3 +64,50 @@ class CollectingSink:
 
     async def cancel(self, note: str) -> None:
         self.cancelled = note
+
+
+@dataclass(frozen=True, slots=True)
+class RateScope:
+    """A platform rate-limit scope a call consumes, with the platform's published rate.
+
+    ``key`` names the scope as the platform really limits it (e.g. ``slack:T123:chat.update`` for a
+    method per workspace, ``discord:channel:42:edit`` for a channel's edit bucket); every reply in
+    the same scope shares one budget. ``per_second`` is the sustained rate, ``burst`` how many
+    calls may go at once after a quiet spell.
+    """
+
+    key: str
+    per_second: float
+    burst: int = 1
+
+
+class ReplySurface(Protocol):
+    """One reply's messages on a platform, as ``ReplyStreamer`` drives them.
+
+    An adapter implements it as a thin translation to its SDK and raises only core errors:
+    ``SurfaceRateLimited`` on a 429 (with its Retry-After), ``TransientSurfaceError`` for 5xx and
+    timeouts, ``PermanentSurfaceError`` otherwise. It never sleeps or retries on its own.
+    """
+
+    #: The most characters one message may hold, measured on the rendered text.
+    max_chars: int
+
+    def render(self, text: str) -> str:
+        """The platform's formatting of one message's Markdown (identity where Markdown is native)."""
+        ...
+
+    def scopes(self, call: str) -> tuple[RateScope, ...]:
+        """The rate-limit scopes a ``"post"`` or an ``"edit"`` call consumes."""
+        ...
+
+    async def post(self, text: str) -> str:
+        """Post a new message of this reply (rendered text); return its platform id."""
+        ...
+
+    async def edit(self, message_id: str, text: str) -> None:
+        """Replace the text of a message this reply posted (rendered text)."""
+        ...
+
+    async def show_typing(self) -> None:
+        """A best-effort 'working on it' signal before the first message exists; may do nothing."""
+        ...
