@@ -88,7 +88,9 @@ class Settings:
             try:
                 value = int(raw)
             except ValueError:
-                raise ConfigError(f"{name} must be a whole number, not {raw!r}", setting=name)
+                raise ConfigError(
+                    f"{name} must be a whole number, not {raw!r}", setting=name
+                ) from None
             if value < minimum:
                 raise ConfigError(f"{name} must be at least {minimum}, not {value}", setting=name)
             return value
@@ -100,7 +102,7 @@ class Settings:
             try:
                 value = float(raw)
             except ValueError:
-                raise ConfigError(f"{name} must be a number, not {raw!r}", setting=name)
+                raise ConfigError(f"{name} must be a number, not {raw!r}", setting=name) from None
             if value < 0:
                 raise ConfigError(f"{name} must not be negative", setting=name)
             return value

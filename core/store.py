@@ -231,8 +231,13 @@ class ConversationStore:
         if parsed.get_backend_name() == "postgresql":
             # A turn holds one connection for its advisory lock; leave room for the rest.
             kwargs.update(pool_size=20, max_overflow=20, pool_pre_ping=True)
-        elif parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        elif parsed.get_backend_name() == "sqlite" and parsed.database not in (
+            None,
+            "",
+            ":memory:",
+        ):
+            # Once, at start-up, before any connection exists: blocking is harmless here.
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
         engine = create_async_engine(url, **kwargs)
         if engine.dialect.name == "sqlite":
             event.listen(engine.sync_engine, "connect", _set_sqlite_pragmas)
@@ -394,7 +399,8 @@ class ConversationStore:
             select(MessageRow)
             .where(
                 MessageRow.conversation_id == conversation.id,
-                MessageRow.generation == select(ConversationRow.generation)
+                MessageRow.generation
+                == select(ConversationRow.generation)
                 .where(ConversationRow.id == conversation.id)
                 .scalar_subquery(),
             )
@@ -408,9 +414,13 @@ class ConversationStore:
             rows = (await session.scalars(query)).all()
         return [_message(row) for row in reversed(rows)]
 
-    async def count_messages(self, conversation: Conversation, *, all_generations: bool = False) -> int:
-        query = select(func.count()).select_from(MessageRow).where(
-            MessageRow.conversation_id == conversation.id
+    async def count_messages(
+        self, conversation: Conversation, *, all_generations: bool = False
+    ) -> int:
+        query = (
+            select(func.count())
+            .select_from(MessageRow)
+            .where(MessageRow.conversation_id == conversation.id)
         )
         if not all_generations:
             query = query.where(
@@ -424,7 +434,9 @@ class ConversationStore:
 
     # -- channel defaults ----------------------------------------------------------------------
 
-    async def channel_settings(self, platform: str, workspace: str, channel: str) -> ChannelSettings:
+    async def channel_settings(
+        self, platform: str, workspace: str, channel: str
+    ) -> ChannelSettings:
         """The channel's defaults (all ``None`` when it has none)."""
         async with self._sessions() as session:
             row = await session.scalar(self._select_channel(platform, workspace, channel))
@@ -441,7 +453,12 @@ class ConversationStore:
         self, platform: str, workspace: str, channel: str, **values: Any
     ) -> None:
         """Set some of a channel's defaults (``system_prompt``, ``history_strategy``, ...)."""
-        allowed = {"system_prompt", "history_strategy", "max_history_messages", "max_history_tokens"}
+        allowed = {
+            "system_prompt",
+            "history_strategy",
+            "max_history_messages",
+            "max_history_tokens",
+        }
         unknown = set(values) - allowed
         if unknown:
             raise TypeError(f"unknown channel settings: {sorted(unknown)}")
@@ -450,7 +467,9 @@ class ConversationStore:
                 async with self._sessions.begin() as session:
                     row = await session.scalar(self._select_channel(platform, workspace, channel))
                     if row is None:
-                        row = ChannelSettingsRow(platform=platform, workspace=workspace, channel=channel)
+                        row = ChannelSettingsRow(
+                            platform=platform, workspace=workspace, channel=channel
+                        )
                         session.add(row)
                     for name, value in values.items():
                         setattr(row, name, value)

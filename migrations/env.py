@@ -36,4 +36,8 @@ if connection is not None:
 else:
     from core.config import Settings
 
-    asyncio.run(_run_from_url(context.config.get_main_option("sqlalchemy.url") or Settings.load().database_url))
+    asyncio.run(
+        _run_from_url(
+            context.config.get_main_option("sqlalchemy.url") or Settings.load().database_url
+        )
+    )

@@ -50,10 +50,14 @@ class Provider(ABC):
     ) -> AsyncIterator[str]:
         """Stream the answer to ``messages`` after the ``system`` prompt, as text deltas."""
 
-    async def complete(self, messages: Sequence[ChatMessage], *, system: str, max_tokens: int) -> str:
+    async def complete(
+        self, messages: Sequence[ChatMessage], *, system: str, max_tokens: int
+    ) -> str:
         """The whole answer at once (summaries); built on ``stream``."""
-        parts = [delta async for delta in self.stream(messages, system=system, max_tokens=max_tokens)]
+        parts = [
+            delta async for delta in self.stream(messages, system=system, max_tokens=max_tokens)
+        ]
         return "".join(parts)
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 (optional hook, nothing to release by default)
         """Release network resources."""
