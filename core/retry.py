@@ -50,7 +50,7 @@ class RetryPolicy:
         retry_after = getattr(error, "retry_after", None)
         if retry_after is not None and retry_after >= 0:
             return min(float(retry_after), self.max_retry_after)
-        ceiling = min(self.cap, self.base * 2 ** (failed_attempt - 1))
+        ceiling = min(self.cap, self.base * 2.0 ** (failed_attempt - 1))
         # Full jitter, but never less than half the step, so waits still grow.
         return ceiling / 2 + self.random() * ceiling / 2
 
