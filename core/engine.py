@@ -284,7 +284,7 @@ class ChatEngine:
             )
             return (
                 "I can't reach the language model: it refused the bot's credentials. "
-                "An administrator needs to check the API key setting."
+                f"An administrator needs to check the {error.setting} setting."
             )
         if isinstance(error, TransientProviderError):
             log.error(
@@ -419,13 +419,13 @@ def _plain_reason(error: TransientProviderError) -> str:
         return "it is overloaded"
     if error.status is not None and error.status >= 500:
         return f"it answered with a server error {error.status}"
-    return "the connection to it keeps failing"
+    return str(error) or "the connection to it keeps failing"
 
 
 def _retry_notice(
     attempt: int, max_attempts: int, wait: float, error: TransientProviderError
 ) -> str:
     return (
-        f"_The model's answer was interrupted ({_plain_reason(error)}). "
+        f"_The model stopped answering ({_plain_reason(error)}). "
         f"Retrying in {wait:.0f} s (attempt {attempt + 1} of {max_attempts})…_"
     )
