@@ -1,0 +1,166 @@
+"""Anthropic messages API, streamed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
+
+import anthropic
+import httpx2
+from anthropic.types import AssistantMessageParam, MessageParam, UserMessageParam
+
+from core.config import Settings
+from core.conversation import ChatMessage, Usage
+from core.errors import ConfigError, PermanentProviderError
+from core.providers import register
+from core.providers.base import Provider
+from core.providers.failures import (
+    MALFORMED_CHUNK_ERRORS,
+    STREAM_TRANSPORT_ERRORS,
+    ApiFailure,
+    Endpoint,
+    api_failure_error,
+    malformed_chunk_error,
+    one_line,
+    transport_error,
+)
+
+ANTHROPIC_API_URL = "https://api.anthropic.com"
+#: Sent as the key to an ANTHROPIC_BASE_URL server that needs none (a local gateway).
+PLACEHOLDER_API_KEY = "not-needed"
+
+
+@register
+class AnthropicProvider(Provider):
+    """Streams from ``/v1/messages`` with the official async SDK."""
+
+    name = "anthropic"
+    key_env_var = "ANTHROPIC_API_KEY"
+    # Anthropic's fastest current model: quick first tokens and low cost suit a team chat.
+    default_model = "claude-haiku-4-5"
+
+    def __init__(
+        self, settings: Settings, *, client: anthropic.AsyncAnthropic | None = None
+    ) -> None:
+        super().__init__(settings)
+        custom_url = settings.anthropic_base_url
+        if settings.anthropic_api_key is None and custom_url is None:
+            raise ConfigError(
+                "ANTHROPIC_API_KEY is not set: set it, or choose another LLM_PROVIDER",
+                setting="ANTHROPIC_API_KEY",
+            )
+        self.endpoint = Endpoint(
+            vendor="Anthropic",
+            base_url=custom_url or ANTHROPIC_API_URL,
+            base_url_setting="ANTHROPIC_BASE_URL",
+            base_url_is_custom=custom_url is not None,
+            key_setting="ANTHROPIC_API_KEY",
+            model=self.model,
+            timeout=settings.llm_timeout or None,
+        )
+        # An explicit api_key keeps the SDK from reading credentials from os.environ or its
+        # profile files; max_retries=0 because core/retry.py is the one retry layer.
+        self.client = client or anthropic.AsyncAnthropic(
+            api_key=settings.anthropic_api_key or PLACEHOLDER_API_KEY,
+            base_url=self.endpoint.base_url,
+            timeout=self.endpoint.timeout,
+            max_retries=0,
+        )
+
+    @property
+    def label(self) -> str:
+        if self.endpoint.base_url_is_custom:
+            return f"anthropic ({self.model} at {self.endpoint.base_url})"
+        return super().label
+
+    async def stream(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        system: str,
+        max_tokens: int,
+        usage: Usage | None = None,
+    ) -> AsyncIterator[str]:
+        wire: list[MessageParam] = [
+            UserMessageParam(role="user", content=m.content)
+            if m.role == "user"
+            else AssistantMessageParam(role="assistant", content=m.content)
+            for m in messages
+        ]
+        with map_anthropic_exceptions(self.endpoint):
+            response = await self.client.messages.create(
+                model=self.model,
+                max_tokens=max_tokens,
+                messages=wire,
+                # The API rejects an empty system text block; no prompt means no field.
+                system=system if system else anthropic.omit,
+                stream=True,
+            )
+            async with response:
+                async for event in response:
+                    if event.type == "content_block_delta":
+                        if event.delta.type == "text_delta" and event.delta.text:
+                            yield event.delta.text
+                    elif event.type == "message_start" and usage is not None:
+                        start = event.message.usage
+                        usage.input_tokens = (
+                            start.input_tokens
+                            + (start.cache_creation_input_tokens or 0)
+                            + (start.cache_read_input_tokens or 0)
+                        )
+                        usage.output_tokens = start.output_tokens
+                    elif event.type == "message_delta" and usage is not None:
+                        # Counts in message_delta are cumulative, so they replace, not add.
+                        usage.output_tokens = event.usage.output_tokens
+                        if event.usage.input_tokens is not None:
+                            usage.input_tokens = (
+                                event.usage.input_tokens
+                                + (event.usage.cache_creation_input_tokens or 0)
+                                + (event.usage.cache_read_input_tokens or 0)
+                            )
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+
+@contextmanager
+def map_anthropic_exceptions(endpoint: Endpoint) -> Iterator[None]:
+    """Translate what the Anthropic SDK (and the transport under it) raises into our errors.
+
+    The SDK turns an ``event: error`` inside a 200 stream into an ``APIStatusError`` whose
+    status is the stream's (200): the error's ``type`` (``overloaded_error``) decides then. It
+    lets transport errors raised while reading the stream through untranslated.
+    """
+    try:
+        yield
+    except anthropic.APIStatusError as exc:
+        raise api_failure_error(
+            ApiFailure(
+                status=exc.status_code,
+                message=exc.api_message or exc.message,
+                error_type=exc.type,
+                code=exc.error_code,
+                headers=exc.response.headers,
+            ),
+            endpoint,
+        ) from exc
+    except anthropic.APIConnectionError as exc:
+        # Covers timeouts too (APITimeoutError is a subclass); the httpx2 error is the cause.
+        cause = exc.__cause__ if exc.__cause__ is not None else httpx2.TransportError(exc.message)
+        raise transport_error(cause, endpoint) from exc
+    except STREAM_TRANSPORT_ERRORS as exc:
+        raise transport_error(exc, endpoint) from exc
+    except MALFORMED_CHUNK_ERRORS as exc:
+        raise malformed_chunk_error(exc, endpoint) from exc
+    except anthropic.AnthropicError as exc:
+        raise PermanentProviderError(
+            f"{endpoint.vendor} request failed: {one_line(str(exc))}"
+        ) from exc
+
+
+__all__ = [
+    "ANTHROPIC_API_URL",
+    "PLACEHOLDER_API_KEY",
+    "AnthropicProvider",
+    "map_anthropic_exceptions",
+]

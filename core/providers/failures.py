@@ -1,0 +1,217 @@
+"""How the HTTP providers classify a failed request: what both SDK boundaries share.
+
+Each provider module catches its own SDK's exceptions (``map_openai_exceptions``,
+``map_anthropic_exceptions``) and describes them as an ``ApiFailure`` or a transport failure;
+the functions here turn that into our error tree with a one-line message that names the
+setting an operator would change.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import anyio
+import httpx2
+
+from core.errors import (
+    PermanentProviderError,
+    ProviderAuthError,
+    ProviderError,
+    TransientProviderError,
+)
+
+#: Longest Retry-After we pass on, in seconds. Both SDKs ignore a header above 60 s
+#: (``_calculate_retry_timeout`` in their ``_base_client.py``); a longer wait is clamped rather
+#: than dropped so the retry layer still knows the server asked for a pause.
+MAX_RETRY_AFTER_SECONDS = 60.0
+
+#: Statuses worth retrying, as the SDKs' own ``_should_retry`` lists them: request timeout,
+#: lock conflict, rate limit, and every server error (including Anthropic's 529 overloaded).
+TRANSIENT_STATUSES = frozenset({408, 409, 429})
+
+#: Error ``type`` values that mean "the server failed, try again" when they arrive inside a
+#: stream that has already started (HTTP status 200), from either API.
+TRANSIENT_ERROR_TYPES = frozenset(
+    {"overloaded_error", "api_error", "rate_limit_error", "server_error", "timeout_error"}
+)
+
+#: Errors the httpx2 transport raises while a streamed body is being read (a dropped or reset
+#: connection, a read timeout); the Anthropic SDK lets these through its stream iterator.
+STREAM_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    httpx2.TransportError,
+    anyio.EndOfStream,
+    anyio.BrokenResourceError,
+)
+
+#: A chunk whose data line is not JSON: the SDKs raise ``json.JSONDecodeError`` mid-stream.
+MALFORMED_CHUNK_ERRORS: tuple[type[BaseException], ...] = (json.JSONDecodeError,)
+
+# Longest API error message quoted in one of our one-line errors.
+_MAX_QUOTED_MESSAGE = 300
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Who we were talking to, for messages that tell an operator what to change."""
+
+    vendor: str  # "OpenAI", "Anthropic"
+    base_url: str
+    base_url_setting: str  # "OPENAI_BASE_URL"
+    base_url_is_custom: bool
+    key_setting: str  # "OPENAI_API_KEY"
+    model: str
+    timeout: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ApiFailure:
+    """An error the API itself reported: an HTTP status, or an error event inside a stream.
+
+    ``status`` is the HTTP status; an error reported inside a started stream has the stream's
+    status (200) or ``None``.
+    """
+
+    status: int | None
+    message: str
+    error_type: str | None = None
+    code: str | None = None
+    headers: Mapping[str, str] | None = None
+
+
+def retry_after_seconds(
+    headers: Mapping[str, str] | None, *, now: Callable[[], float] = time.time
+) -> float | None:
+    """The server's Retry-After advice in seconds, or ``None`` when absent or nonsense.
+
+    Reads ``retry-after-ms`` (OpenAI and Anthropic send it) first, then ``retry-after`` as
+    seconds or an HTTP date; clamps to ``[0, MAX_RETRY_AFTER_SECONDS]``.
+    """
+    if not headers:
+        return None
+    seconds: float | None = None
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms is not None:
+        seconds = _finite(raw_ms)
+        if seconds is not None:
+            seconds /= 1000
+    if seconds is None:
+        raw = headers.get("retry-after")
+        if raw is None:
+            return None
+        seconds = _finite(raw)
+        if seconds is None:
+            try:
+                when = email.utils.parsedate_to_datetime(raw)
+            except (TypeError, ValueError, IndexError):
+                return None
+            seconds = when.timestamp() - now()
+    if seconds < 0:
+        return None
+    return min(seconds, MAX_RETRY_AFTER_SECONDS)
+
+
+def _finite(raw: str) -> float | None:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line, shortened: API messages can be long or span lines."""
+    flat = " ".join(text.split())
+    if len(flat) > _MAX_QUOTED_MESSAGE:
+        flat = flat[: _MAX_QUOTED_MESSAGE - 1] + "…"
+    return flat
+
+
+def api_failure_error(failure: ApiFailure, endpoint: Endpoint) -> ProviderError:
+    """Our error for a failure the API reported."""
+    vendor, status = endpoint.vendor, failure.status
+    said = one_line(failure.message)
+    if status is None or status < 400:
+        # An error event inside a stream the server had accepted: the server's own failure,
+        # unless it names a fault of the request.
+        if failure.error_type is None or failure.error_type in TRANSIENT_ERROR_TYPES:
+            return TransientProviderError(
+                f"{vendor} reported an error mid-answer: {said}", status=status
+            )
+        return PermanentProviderError(f"{vendor} stopped the answer: {said}", status=status)
+    if status in (401, 403):
+        refused = "refused the API key" if status == 401 else "does not allow this key"
+        return ProviderAuthError(
+            f"{vendor} {refused} (HTTP {status}): set {endpoint.key_setting} to a valid key",
+            setting=endpoint.key_setting,
+            status=status,
+        )
+    if status == 404:
+        hint = "set LLM_MODEL to a model it serves"
+        if endpoint.base_url_is_custom:
+            hint += f", and check {endpoint.base_url_setting}={endpoint.base_url}"
+        return PermanentProviderError(
+            f"{vendor} has no model {endpoint.model!r} (HTTP 404: {said}): {hint}", status=404
+        )
+    if status == 429 and failure.code == "insufficient_quota":
+        # OpenAI answers 429 for an exhausted quota too; waiting does not refill it.
+        return PermanentProviderError(
+            f"{vendor} says the account behind {endpoint.key_setting} is out of quota: {said}",
+            status=429,
+        )
+    if status in TRANSIENT_STATUSES or status >= 500:
+        what = {429: "is rate limiting us", 529: "is overloaded"}.get(status, "had an error")
+        return TransientProviderError(
+            f"{vendor} {what} (HTTP {status}): {said}",
+            retry_after=retry_after_seconds(failure.headers),
+            status=status,
+        )
+    return PermanentProviderError(
+        f"{vendor} rejected the request (HTTP {status}): {said}", status=status
+    )
+
+
+def transport_error(exc: BaseException, endpoint: Endpoint) -> TransientProviderError:
+    """Our error for a network failure: ``exc`` is the httpx2 (or anyio) exception itself."""
+    vendor = endpoint.vendor
+    if isinstance(exc, httpx2.TimeoutException):
+        limit = f"{endpoint.timeout:g} s" if endpoint.timeout else "the time allowed"
+        return TransientProviderError(
+            f"{vendor} did not answer within {limit} (LLM_TIMEOUT) at {endpoint.base_url}"
+        )
+    if isinstance(exc, httpx2.ConnectError):
+        return TransientProviderError(
+            f"cannot connect to {vendor} at {endpoint.base_url} ({one_line(str(exc)) or 'refused'}):"
+            f" check {endpoint.base_url_setting} and that the server is running"
+        )
+    reason = one_line(str(exc)) or type(exc).__name__
+    return TransientProviderError(
+        f"the connection to {vendor} dropped before the answer was complete: {reason}"
+    )
+
+
+def malformed_chunk_error(exc: BaseException, endpoint: Endpoint) -> TransientProviderError:
+    """Our error for a streamed chunk that was not valid JSON."""
+    return TransientProviderError(
+        f"{endpoint.vendor} sent a malformed stream chunk ({one_line(str(exc))})"
+    )
+
+
+__all__ = [
+    "MALFORMED_CHUNK_ERRORS",
+    "MAX_RETRY_AFTER_SECONDS",
+    "STREAM_TRANSPORT_ERRORS",
+    "TRANSIENT_ERROR_TYPES",
+    "TRANSIENT_STATUSES",
+    "ApiFailure",
+    "Endpoint",
+    "api_failure_error",
+    "malformed_chunk_error",
+    "one_line",
+    "retry_after_seconds",
+    "transport_error",
+]
