@@ -7,9 +7,22 @@ adapter offers it, falling back to the edit path of ``ReplySurface`` when the pl
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from core.reply import RateScope, ReplySurface
+from core.errors import (
+    PermanentSurfaceError,
+    SurfaceError,
+    SurfaceRateLimited,
+    TransientSurfaceError,
+)
+from core.ratelimit import Budgets
+from core.reply import ReplySurface
+from core.splitting import Splitter, fence_at_end
 
 #: ``PermanentSurfaceError.code`` values meaning "this platform/channel cannot stream natively":
 #: the streamer falls back to post + edit for this reply. Codes are Slack's error strings from the
@@ -71,10 +84,362 @@ class AppendReplySurface(ReplySurface, Protocol):
         ...
 
 
-__all__ = [
-    "NATIVE_STREAM_ENDED_CODE",
-    "NATIVE_STREAM_UNSUPPORTED_CODES",
-    "AppendReplySurface",
-    "RateScope",
-    "ReplySurface",
-]
+log = logging.getLogger(__name__)
+
+#: Shown after the text while the answer is still coming (removed by the final edit).
+STREAMING_INDICATOR = " \u258d"
+#: The first message's text before any token arrives, so the user sees the bot at work at once.
+THINKING_TEXT = "_Thinking\u2026_"
+#: Shown when the model's answer was empty (platforms refuse empty messages).
+EMPTY_ANSWER_TEXT = "_(empty answer)_"
+#: Replaces a continuation message a retried answer no longer needs (messages cannot be deleted
+#: through a ReplySurface).
+RETRACTED_TEXT = "_(replaced by the retried answer above)_"
+#: Attempts of one platform call on transient errors (5xx, timeouts) before it counts as failed.
+MAX_CALL_ATTEMPTS = 4
+#: 429s tolerated on one platform call before it counts as failed (each waits its Retry-After).
+MAX_RATE_LIMITED_CALLS = 10
+#: Consecutive failed calls after which the reply stops talking to the platform (logged; the
+#: engine still stores the full text).
+MAX_FAILED_CALLS = 3
+#: Backoff between transient failures: min(cap, base * 2^n) seconds.
+CALL_RETRY_BASE = 0.5
+CALL_RETRY_CAP = 5.0
+#: Slack ends native streams after about 5 minutes (``message_not_in_streaming_state``, see
+#: docs.slack.dev chat.appendStream); stop ours a little earlier and go on with chat.update.
+NATIVE_STREAM_MAX_SECONDS = 270.0
+
+_STREAMING, _FINISHED, _FAILED, _CANCELLED = "streaming", "finished", "failed", "cancelled"
+
+
+@dataclass(slots=True)
+class _Message:
+    """A platform message of this reply and the rendered text it shows."""
+
+    id: str
+    shown: str
+    live: bool
+    started: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """What message ``i`` should show now; ``complete`` when it will not change any more."""
+
+    text: str
+    complete: bool
+
+
+class ReplyStreamer:
+    """Streams one answer into platform messages; implements ``core.reply.ReplySink``.
+
+    ``write`` only appends to memory and wakes a background pump task; the pump makes at most one
+    platform call at a time, each through the shared ``Budgets`` of the call's scopes, and sends
+    the freshest text when its turn comes (so tokens that arrive meanwhile coalesce). A 429 pauses
+    the scope for its Retry-After; transient errors are retried with backoff, a bounded number of
+    times. ``finish`` waits until the exact final text is shown everywhere (indicator gone) and
+    returns the message ids; if the platform stays down it logs the failure with ``log_context``
+    and returns what exists, so the engine still stores the full text (``text``).
+
+    Text beyond ``surface.max_chars`` continues in new messages cut by ``core.splitting``; a
+    completed message is never edited again (except to replace it with a retried answer). With an
+    ``AppendReplySurface`` the reply streams natively and falls back to post + edit when the
+    platform refuses, when appended text must be replaced, or when the stream gets old.
+    """
+
+    def __init__(
+        self,
+        surface: ReplySurface,
+        budgets: Budgets,
+        *,
+        now: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        log_context: str = "",
+        native: bool = True,
+        indicator: str = STREAMING_INDICATOR,
+        thinking_text: str = THINKING_TEXT,
+        max_call_attempts: int = MAX_CALL_ATTEMPTS,
+        max_rate_limited: int = MAX_RATE_LIMITED_CALLS,
+        max_failed_calls: int = MAX_FAILED_CALLS,
+        retry_base: float = CALL_RETRY_BASE,
+        retry_cap: float = CALL_RETRY_CAP,
+        native_max_age: float = NATIVE_STREAM_MAX_SECONDS,
+    ) -> None:
+        self._surface = surface
+        self._append: AppendReplySurface | None = (
+            surface if native and isinstance(surface, AppendReplySurface) else None
+        )
+        self._budgets = budgets
+        self._now = now
+        self._sleep = sleep
+        self._log_context = log_context
+        self._indicator = indicator
+        self._thinking = thinking_text
+        self._max_call_attempts = max_call_attempts
+        self._max_rate_limited = max_rate_limited
+        self._max_failed_calls = max_failed_calls
+        self._retry_base = retry_base
+        self._retry_cap = retry_cap
+        self._native_max_age = native_max_age
+        self._splitter = Splitter(
+            lambda markdown: len(surface.render(markdown)) <= surface.max_chars
+        )
+        self._raw = ""
+        self._notice: str | None = None
+        self._note: str | None = None
+        self._phase = _STREAMING
+        self._messages: list[_Message] = []
+        self._wake = asyncio.Event()
+        self._pump_task: asyncio.Task[None] | None = None
+        self._failures = 0
+        self._gave_up = False
+        self.calls = 0
+        self.rate_limited = 0
+
+    # -- ReplySink -------------------------------------------------------------------------
+
+    async def begin(self) -> None:
+        """Start the pump: the thinking indicator (or a native stream) goes out at once."""
+        if self._pump_task is None:
+            self._pump_task = asyncio.create_task(self._pump())
+
+    def write(self, delta: str) -> None:
+        """Add generated text; never waits on the platform."""
+        if not delta or self._phase != _STREAMING:
+            return
+        self._notice = None
+        self._raw += delta
+        self._wake.set()
+
+    async def retrying(self, notice: str) -> None:
+        """Drop the partial answer (the next attempt replaces it) and show ``notice``."""
+        if self._phase != _STREAMING:
+            return
+        self._raw = ""
+        self._notice = notice
+        self._splitter.reset()
+        self._wake.set()
+
+    async def finish(self) -> list[str]:
+        """Land the exact final text everywhere and return the platform message ids."""
+        return await self._close(_FINISHED, None)
+
+    async def fail(self, message: str) -> None:
+        """End the reply with ``message`` after the partial text (if any)."""
+        await self._close(_FAILED, message)
+
+    async def cancel(self, note: str) -> None:
+        """End the reply cleanly with ``note`` after the partial text (if any)."""
+        await self._close(_CANCELLED, note)
+
+    # -- results ---------------------------------------------------------------------------
+
+    @property
+    def text(self) -> str:
+        """The generated text of the current attempt, exactly as written."""
+        return self._raw
+
+    @property
+    def delivered(self) -> bool:
+        """Whether the platform shows exactly what it should (false after giving up)."""
+        return not self._gave_up and self._plan() is None
+
+    @property
+    def message_ids(self) -> list[str]:
+        """The platform ids of this reply's messages, in order."""
+        return [message.id for message in self._messages]
+
+    # -- internals -------------------------------------------------------------------------
+
+    async def _close(self, phase: str, note: str | None) -> list[str]:
+        if self._phase == _STREAMING:
+            self._phase = phase
+            self._note = note
+        self._wake.set()
+        if self._pump_task is None:
+            self._pump_task = asyncio.create_task(self._pump())
+        try:
+            await asyncio.shield(self._pump_task)
+        except asyncio.CancelledError:
+            self._pump_task.cancel()
+            raise
+        return self.message_ids
+
+    def _content(self) -> str:
+        """The Markdown the reply should hold now (without indicator)."""
+        if self._note is None:
+            return self._raw
+        raw = self._raw
+        if raw == "":
+            return self._note
+        # Close a code block the partial answer left open, so the note is not shown as code.
+        fence = fence_at_end(raw + "\n")
+        if fence is not None:
+            raw += fence.close(raw)
+        return raw + "\n\n" + self._note
+
+    def _targets(self) -> list[_Target]:
+        render = self._surface.render
+        final = self._phase != _STREAMING
+        content = self._content()
+        targets: list[_Target] = []
+        if content == "":
+            if final:
+                targets.append(_Target(render(EMPTY_ANSWER_TEXT), True))
+            elif self._notice is not None:
+                targets.append(_Target(render(self._notice), False))
+            elif self._append is not None:
+                # A native stream shows its own "working" state; appended text cannot be removed.
+                targets.append(_Target("", False))
+            else:
+                targets.append(_Target(render(self._thinking), False))
+        else:
+            chunks = self._splitter.chunks(content)
+            settled = self._splitter.settled
+            for index, chunk in enumerate(chunks):
+                complete = final or index < settled
+                if index and index >= settled and content[chunk.start :].strip() == "":
+                    # A whitespace-only tail is not a message (platforms refuse blank text, and
+                    # trim trailing blanks anyway).
+                    break
+                text = render(chunk.message(content))
+                if not complete and self._append is None:
+                    decorated = text + self._indicator
+                    if len(decorated) <= self._surface.max_chars:
+                        text = decorated
+                targets.append(_Target(text, complete))
+        for _ in range(len(targets), len(self._messages)):
+            targets.append(_Target(render(RETRACTED_TEXT), True))
+        return targets
+
+    def _plan(self) -> tuple[str, int] | None:
+        """The next call to make, as (kind, message index), or None when all is shown."""
+        targets = self._targets()
+        for index, target in enumerate(targets):
+            if index >= len(self._messages):
+                if self._append is not None and not target.complete:
+                    return ("start", index)
+                return ("post", index)
+            message = self._messages[index]
+            if message.live:
+                aged = self._now() - message.started >= self._native_max_age
+                if aged or target.complete or not target.text.startswith(message.shown):
+                    return ("stop", index)
+                if target.text != message.shown:
+                    return ("append", index)
+            elif target.text != message.shown:
+                return ("edit", index)
+        return None
+
+    async def _pump(self) -> None:
+        try:
+            while True:
+                plan = self._plan()
+                if plan is None:
+                    if self._phase != _STREAMING:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                if await self._step(*plan):
+                    self._failures = 0
+                    continue
+                self._failures += 1
+                if self._failures >= self._max_failed_calls:
+                    self._give_up("platform calls keep failing")
+                    return
+        except PermanentSurfaceError as exc:
+            self._give_up(f"platform refused a call: {exc} (code {exc.code})")
+        except SurfaceError as exc:
+            self._give_up(f"platform call failed: {exc}")
+
+    def _give_up(self, reason: str) -> None:
+        self._gave_up = True
+        log.error(
+            "reply %s: %s; stopped updating the reply after %d calls; the full text (%d chars) "
+            "is kept in the store",
+            self._log_context or "(no context)",
+            reason,
+            self.calls,
+            len(self._raw),
+        )
+
+    async def _step(self, kind: str, index: int) -> bool:
+        """Make one call of ``kind`` on message ``index`` with the freshest text; False if it
+        failed for good (transient errors and 429s exhausted)."""
+        scopes = self._surface.scopes(kind)
+        transient = 0
+        limited = 0
+        while True:
+            await self._budgets.acquire(scopes)
+            if self._plan() != (kind, index):
+                # The text moved on while we waited (e.g. a retry); plan again from scratch.
+                return True
+            target = self._targets()[index]
+            self.calls += 1
+            try:
+                await self._call(kind, index, target)
+            except SurfaceRateLimited as exc:
+                self.rate_limited += 1
+                limited += 1
+                keys = [exc.scope] if exc.scope else [scope.key for scope in scopes]
+                for key in keys:
+                    self._budgets.pause(key, exc.retry_after)
+                if limited >= self._max_rate_limited:
+                    return False
+            except TransientSurfaceError as exc:
+                transient += 1
+                log.warning(
+                    "reply %s: %s failed (%s), attempt %d", self._log_context, kind, exc, transient
+                )
+                if transient >= self._max_call_attempts:
+                    return False
+                await self._sleep(min(self._retry_cap, self._retry_base * 2 ** (transient - 1)))
+            else:
+                return True
+
+    async def _call(self, kind: str, index: int, target: _Target) -> None:
+        surface = self._surface
+        native = self._append
+        if kind == "post":
+            message_id = await surface.post(target.text)
+            self._messages.append(_Message(message_id, target.text, False, self._now()))
+            return
+        if kind == "start":
+            assert native is not None
+            try:
+                message_id = await native.start(target.text)
+            except PermanentSurfaceError as exc:
+                if exc.code not in NATIVE_STREAM_UNSUPPORTED_CODES:
+                    raise
+                log.info(
+                    "reply %s: native streaming refused (%s); using edits",
+                    self._log_context,
+                    exc.code,
+                )
+                self._append = None
+                return
+            self._messages.append(_Message(message_id, target.text, True, self._now()))
+            return
+        message = self._messages[index]
+        if kind == "edit":
+            await surface.edit(message.id, target.text)
+            message.shown = target.text
+            return
+        assert native is not None or not message.live
+        try:
+            if kind == "append":
+                delta = target.text[len(message.shown) :]
+                await native.append(message.id, delta)  # type: ignore[union-attr]
+                message.shown = target.text
+            else:
+                extends = target.text.startswith(message.shown)
+                delta = target.text[len(message.shown) :] if extends else ""
+                await native.stop(message.id, delta)  # type: ignore[union-attr]
+                message.shown += delta
+                message.live = False
+        except PermanentSurfaceError as exc:
+            if exc.code != NATIVE_STREAM_ENDED_CODE:
+                raise
+            # The stream died (too old): what it shows stays; the edit path takes over.
+            message.live = False
