@@ -1,0 +1,151 @@
+"""The real ``threadbot chat`` process: piped input, EOF, Ctrl-C, persistence across runs."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def chat_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OPENAI_", "ANTHROPIC_", "LLM_", "SLACK_", "DISCORD_"))
+    }
+    env.update(
+        DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}",
+        OFFLINE_DELAY="0",
+        PYTHONPATH=str(REPO),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def run_chat(
+    tmp_path: Path, stdin: str, *args: str, **env: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bots.main", "chat", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=chat_env(tmp_path, **env),
+        cwd=tmp_path,
+        timeout=60,
+    )
+
+
+def test_piped_question_prints_one_offline_answer_and_exits_0(tmp_path: Path) -> None:
+    result = run_chat(tmp_path, "hello there\n")
+    assert result.returncode == 0, result.stderr
+    assert "You said: “hello there”" in result.stdout
+    assert "offline" in result.stderr  # clearly labelled
+    assert "Traceback" not in result.stderr
+
+
+def test_history_persists_across_runs_per_conversation(tmp_path: Path) -> None:
+    run_chat(tmp_path, "first\n")
+    second = run_chat(tmp_path, "second\n")
+    assert "I can see 1 earlier message of yours" in second.stdout
+    other = run_chat(tmp_path, "elsewhere\n", "--conversation", "other")
+    assert "I can see 0 earlier messages" in other.stdout
+    resumed = run_chat(tmp_path, "third\n")
+    assert "I can see 2 earlier messages" in resumed.stdout
+
+
+def test_slash_commands_in_the_terminal(tmp_path: Path) -> None:
+    script = "/system Be terse.\n/system\nremember me\n/context\n/reset\n/context\n/help\n/bogus\n/exit\nnever sent\n"
+    result = run_chat(tmp_path, script)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "System prompt for this conversation set to:\n> Be terse." in out
+    assert "System prompt (set for this conversation):\n> Be terse." in out
+    assert "The next request sends 2 earlier messages plus yours" in out
+    assert "Conversation reset" in out
+    assert "No messages yet" not in out  # the conversation exists, it is just empty
+    assert "The next request sends 0 earlier messages plus yours" in out
+    assert "/context" in out and "/exit" in out
+    assert "Unknown command /bogus" in result.stderr
+    assert "never sent" not in out
+
+
+def test_empty_stdin_exits_cleanly(tmp_path: Path) -> None:
+    result = run_chat(tmp_path, "")
+    assert result.returncode == 0
+    assert result.stdout == "" and "Traceback" not in result.stderr
+
+
+def test_bad_setting_is_a_one_line_error_naming_it(tmp_path: Path) -> None:
+    result = run_chat(tmp_path, "hi\n", MAX_HISTORY_MESSAGES="lots")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "threadbot: MAX_HISTORY_MESSAGES must be a whole number, not 'lots'"
+    ]
+
+
+def _read_until(proc: subprocess.Popen[bytes], needle: bytes, timeout: float = 30) -> bytes:
+    assert proc.stdout is not None
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while needle not in seen:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"never saw {needle!r}; got {seen!r}")
+        ready, _, _ = select.select([proc.stdout], [], [], remaining)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                raise AssertionError(f"output ended before {needle!r}; got {seen!r}")
+            seen += chunk
+    return seen
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_stops_the_answer_then_ctrl_c_at_the_prompt_exits_0(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bots.main", "chat"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=chat_env(tmp_path, OFFLINE_DELAY="0.2"),
+        cwd=tmp_path,
+    )
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(b"tell me a long story\n")
+        proc.stdin.flush()
+        _read_until(proc, b"offline demo")
+        proc.send_signal(signal.SIGINT)
+        _read_until(proc, b"[stopped]")
+        proc.stdin.write(b"and again\n")
+        proc.stdin.flush()
+        _read_until(proc, b"You said: \xe2\x80\x9cand again\xe2\x80\x9d")
+        time.sleep(0.5)
+        _, _ = proc.stdout, proc.stderr
+        # Back at the prompt (waiting for input): Ctrl-C leaves.
+        proc.wait(timeout=0.01) if proc.poll() is not None else None
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            # The demo answer ends a few hundred ms later; signal until the process leaves.
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                continue
+        assert proc.returncode == 0
+        assert proc.stderr is not None
+        assert b"Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
