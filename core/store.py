@@ -342,6 +342,38 @@ class ConversationStore:
                 .values(summary=summary, summary_upto_id=upto_id, updated_at=_now())
             )
 
+    async def replace_summary(
+        self,
+        conversation_id: int,
+        *,
+        generation: int,
+        previous_upto_id: int | None,
+        summary: str,
+        upto_id: int,
+    ) -> bool:
+        """Store a new running summary only if nothing changed it since it was read.
+
+        A compare-and-set: False (and nothing stored) when the conversation was reset (its
+        ``generation`` moved on) or another fold stored a summary meanwhile, so a slow fold that
+        finishes late can neither bring back a summary a reset cleared nor overwrite a newer one.
+        """
+        unchanged = (
+            ConversationRow.summary_upto_id.is_(None)
+            if previous_upto_id is None
+            else ConversationRow.summary_upto_id == previous_upto_id
+        )
+        async with self._sessions.begin() as session:
+            result = await session.execute(
+                update(ConversationRow)
+                .where(
+                    ConversationRow.id == conversation_id,
+                    ConversationRow.generation == generation,
+                    unchanged,
+                )
+                .values(summary=summary, summary_upto_id=upto_id, updated_at=_now())
+            )
+        return bool(getattr(result, "rowcount", 0))
+
     # -- messages ------------------------------------------------------------------------------
 
     async def append(
