@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
+
 from core.config import Settings
 from core.errors import ConfigError
 from core.providers.base import Provider
 
 _REGISTRY: dict[str, type[Provider]] = {}
+# Built-ins are imported only when named, so the terminal chat does not load every SDK at start.
+_BUILTIN_MODULES = {
+    "openai": "core.providers.openai",
+    "anthropic": "core.providers.anthropic",
+    "offline": "core.providers.offline",
+}
 
 
 def register(cls: type[Provider]) -> type[Provider]:
@@ -16,26 +24,22 @@ def register(cls: type[Provider]) -> type[Provider]:
 
 
 def provider_names() -> list[str]:
-    _load_builtins()
-    return sorted(_REGISTRY)
+    return sorted(set(_REGISTRY) | set(_BUILTIN_MODULES))
 
 
 def build_provider(settings: Settings) -> Provider:
     """The provider ``settings.llm_provider`` names, constructed."""
-    _load_builtins()
+    name = settings.llm_provider
+    if name not in _REGISTRY and name in _BUILTIN_MODULES:
+        importlib.import_module(_BUILTIN_MODULES[name])
     try:
-        cls = _REGISTRY[settings.llm_provider]
+        cls = _REGISTRY[name]
     except KeyError:
         raise ConfigError(
-            f"LLM_PROVIDER={settings.llm_provider!r} is not one of {', '.join(sorted(_REGISTRY))}",
+            f"LLM_PROVIDER={name!r} is not one of {', '.join(provider_names())}",
             setting="LLM_PROVIDER",
         ) from None
     return cls(settings)
-
-
-def _load_builtins() -> None:
-    # Imported here so that importing the registry does not import every SDK.
-    from core.providers import anthropic, offline, openai  # noqa: F401
 
 
 __all__ = ["Provider", "build_provider", "provider_names", "register"]
