@@ -1,0 +1,435 @@
+"""The Discord bot: a discord.py ``Client`` that turns messages and app commands into engine calls.
+
+Edge rules (who gets an answer, where) live here, as bolt's middleware does for Slack; the turn
+itself is ``ChatEngine.handle`` streaming into a ``ReplyStreamer`` over ``DiscordReply``.
+
+- A mention in a text channel opens a thread on the message (its id is the message's id) and the
+  answer streams inside; a mention in a thread or forum post answers there.
+- Later messages in a thread the bot has a conversation in continue it without a mention, unless
+  ``REQUIRE_MENTION`` is set. Every DM message is a turn.
+- Other bots, webhooks, the bot itself, edits and system messages get no answer.
+- Gateway events are acknowledged at once: each turn runs in a task the client keeps and cancels
+  on shutdown. A MESSAGE_CREATE replayed after a RESUME is dropped by the engine's dedupe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Callable
+from typing import Any, Literal
+
+import discord
+import yarl
+from discord import app_commands
+from discord.gateway import DiscordWebSocket
+
+from bots.discord.attachments import with_attachments
+from bots.discord.surface import DiscordReply
+from core.commands import ChannelTarget, Command
+from core.config import Settings
+from core.conversation import ChatMessage, ConversationKey, IncomingMessage
+from core.engine import ChatEngine
+from core.errors import ThreadbotError
+from core.ratelimit import Budgets
+from core.streaming import ReplyStreamer
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "discord"
+#: ConversationKey.workspace of DMs (Discord's own name for them in URLs).
+DM_WORKSPACE = "@me"
+#: discord-api-docs "Start Thread from Message": ``name`` is 1-100 characters.
+MAX_THREAD_NAME_CHARS = 100
+#: Threads archive after a day without messages (one of Discord's allowed 60/1440/4320/10080).
+THREAD_ARCHIVE_MINUTES: Literal[60, 1440, 4320, 10080] = 1440
+#: discord-api-docs "JSON Error Codes": a thread has already been created for this message.
+THREAD_ALREADY_CREATED = 160004
+#: Earlier thread messages read to seed a conversation when first mentioned in a thread.
+THREAD_CONTEXT_MESSAGES = 20
+#: An interaction must be answered within 3 s ("Receiving and Responding"); commands still
+#: running after this long are deferred (ephemeral "thinking") and answered by editing.
+INTERACTION_DEFER_AFTER = 2.0
+#: What the bot needs in a channel, for the invite URL: View Channels, Send Messages, Read
+#: Message History, Create Public Threads, Send Messages in Threads.
+BOT_PERMISSIONS = discord.Permissions(
+    view_channel=True,
+    send_messages=True,
+    read_message_history=True,
+    create_public_threads=True,
+    send_messages_in_threads=True,
+)
+INVITE_SCOPES = ("bot", "applications.commands")
+#: Message types people write; everything else (joins, pins, thread-created notices) is a
+#: system message.
+CONVERSATIONAL_TYPES = frozenset({discord.MessageType.default, discord.MessageType.reply})
+THREAD_TYPES = frozenset(
+    {
+        discord.ChannelType.public_thread,
+        discord.ChannelType.private_thread,
+        discord.ChannelType.news_thread,
+    }
+)
+
+MANAGE_CHANNELS_NEEDED = (
+    "Changing this channel's default system prompt needs the Manage Channels permission. "
+    "Inside a thread, `/system set` changes that thread's conversation only."
+)
+COMMAND_FAILED = "Sorry, that command failed. Please try again in a moment."
+SHUTDOWN_NOTE = "Stopped: the bot is restarting. Please ask again in a moment."
+THREAD_PERMISSIONS = ("create_public_threads", "send_messages_in_threads")
+
+
+def bot_intents() -> discord.Intents:
+    """Guilds, guild messages, DMs and the privileged message content (unmentioned follow-ups)."""
+    intents = discord.Intents.none()
+    intents.guilds = True
+    intents.guild_messages = True
+    intents.dm_messages = True
+    intents.message_content = True
+    return intents
+
+
+def invite_url(application_id: int) -> str:
+    """The OAuth2 URL that adds the bot to a server with exactly the permissions it needs."""
+    return discord.utils.oauth_url(
+        application_id, permissions=BOT_PERMISSIONS, scopes=INVITE_SCOPES
+    )
+
+
+def thread_name(question: str) -> str:
+    """A thread title from the question: one line, at most 100 characters."""
+    name = " ".join(question.split())
+    if len(name) > MAX_THREAD_NAME_CHARS:
+        name = name[: MAX_THREAD_NAME_CHARS - 1].rstrip() + "…"
+    return name or "Question"
+
+
+def _normalised(command: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a command payload Discord stores, comparable across local and fetched."""
+    result: dict[str, Any] = {
+        "name": command.get("name"),
+        "description": command.get("description") or "",
+        "type": int(command.get("type") or 1),
+    }
+    if "required" in command or "options" not in command or command.get("type") not in (1, 2):
+        result["required"] = bool(command.get("required", False))
+    if command.get("choices"):
+        result["choices"] = sorted((c["name"], str(c["value"])) for c in command["choices"])
+    result["options"] = [_normalised(o) for o in command.get("options") or []]
+    return result
+
+
+def commands_differ(local: list[dict[str, Any]], remote: list[dict[str, Any]]) -> bool:
+    """Whether the tree's commands differ from what Discord has registered."""
+
+    def key(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return sorted((_normalised(c) for c in items), key=lambda c: (c["name"], c["type"]))
+
+    return key(local) != key(remote)
+
+
+class ThreadbotClient(discord.Client):
+    """discord.py client wired to a ``ChatEngine``. ``budgets`` is shared by every reply."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: ChatEngine,
+        *,
+        budgets: Budgets | None = None,
+        defer_after: float = INTERACTION_DEFER_AFTER,
+        announce: Callable[[str], None] | None = None,
+        **options: Any,
+    ) -> None:
+        from bots.discord.surface import rate_limit_trace
+
+        self.settings = settings
+        self.engine = engine
+        self.budgets = budgets or Budgets()
+        self.defer_after = defer_after
+        self.announce = announce or (lambda line: log.info("%s", line))
+        super().__init__(
+            intents=bot_intents(),
+            http_trace=rate_limit_trace(self.budgets),
+            allowed_mentions=discord.AllowedMentions.none(),
+            **options,
+        )
+        self.tree = app_commands.CommandTree(self)
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: Whether the last start pushed commands to Discord (False: they were up to date).
+        self.commands_synced: bool | None = None
+        self._add_commands()
+
+    # -- start and stop ------------------------------------------------------------------------
+
+    async def setup_hook(self) -> None:
+        """After login, before the gateway: point at the gateway, print the invite, sync commands."""
+        await self._choose_gateway()
+        assert self.application_id is not None
+        self.announce(f"Invite the bot to a server: {invite_url(self.application_id)}")
+        self.commands_synced = await self.sync_commands()
+
+    async def _choose_gateway(self) -> None:
+        settings = self.settings
+        if settings.discord_gateway_url:
+            url = settings.discord_gateway_url
+        elif settings.discord_api_url:
+            # A custom REST base (proxy, test server) tells us its gateway, as Discord's does.
+            _, url, _ = await self.http.get_bot_gateway()
+        else:
+            return
+        DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(url)
+
+    async def close(self) -> None:
+        """Cancel turns in progress (their replies say so), then disconnect."""
+        if self._tasks:
+            await self.engine.cancel_all(SHUTDOWN_NOTE)
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await super().close()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def wait_idle(self) -> None:
+        """Wait for every turn in progress (tests, graceful shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # -- app commands --------------------------------------------------------------------------
+
+    def _add_commands(self) -> None:
+        tree = self.tree
+
+        @tree.command(name="reset", description="Start this conversation over")
+        async def reset(interaction: discord.Interaction) -> None:
+            await self._run_command(interaction, Command("reset"))
+
+        @tree.command(name="help", description="How to talk to the bot")
+        async def help_(interaction: discord.Interaction) -> None:
+            await self._run_command(interaction, Command("help"))
+
+        system = app_commands.Group(
+            name="system", description="The system prompt of this conversation or channel"
+        )
+
+        @system.command(name="show", description="Show the system prompt in use")
+        async def show(interaction: discord.Interaction) -> None:
+            await self._run_command(interaction, Command("system_show"))
+
+        @system.command(name="set", description="Set the system prompt")
+        @app_commands.describe(text="The new system prompt")
+        async def set_(interaction: discord.Interaction, text: str) -> None:
+            await self._run_command(interaction, Command("system_set", text))
+
+        @system.command(name="clear", description="Go back to the default system prompt")
+        async def clear(interaction: discord.Interaction) -> None:
+            await self._run_command(interaction, Command("system_clear"))
+
+        tree.add_command(system)
+
+    async def sync_commands(self) -> bool:
+        """Register the commands in DISCORD_COMMAND_GUILDS (instant) or globally, if they changed.
+
+        Returns whether anything was pushed; an unchanged set is left alone (each bulk overwrite
+        counts against a daily limit, and global ones take time to reach clients).
+        """
+        targets: list[discord.abc.Snowflake | None] = [
+            discord.Object(id=int(g)) for g in self.settings.discord_command_guilds
+        ] or [None]
+        pushed = False
+        for guild in targets:
+            if guild is not None:
+                self.tree.copy_global_to(guild=guild)
+            local = [c.to_dict(self.tree) for c in self.tree.get_commands(guild=guild)]
+            remote = [c.to_dict() for c in await self.tree.fetch_commands(guild=guild)]
+            where = f"guild {guild.id}" if guild is not None else "globally"
+            if not commands_differ(local, remote):  # type: ignore[arg-type]
+                log.info("app commands %s are up to date", where)
+                continue
+            await self.tree.sync(guild=guild)
+            pushed = True
+            log.info("synced %d app commands %s", len(local), where)
+        return pushed
+
+    def _command_target(self, interaction: discord.Interaction) -> ConversationKey | ChannelTarget:
+        channel_id = interaction.channel_id or 0
+        if interaction.guild_id is None:
+            return ConversationKey(PLATFORM, DM_WORKSPACE, str(channel_id))
+        channel = interaction.channel
+        if channel is not None and channel.type in THREAD_TYPES:
+            parent = getattr(channel, "parent_id", None) or channel_id
+            return ConversationKey(
+                PLATFORM, str(interaction.guild_id), str(parent), str(channel_id)
+            )
+        return ChannelTarget(PLATFORM, str(interaction.guild_id), str(channel_id))
+
+    async def _run_command(self, interaction: discord.Interaction, command: Command) -> None:
+        target = self._command_target(interaction)
+        changes_channel = command.action in ("system_set", "system_clear")
+        if (
+            isinstance(target, ChannelTarget)
+            and changes_channel
+            and not interaction.permissions.manage_channels
+        ):
+            await interaction.response.send_message(MANAGE_CHANNELS_NEEDED, ephemeral=True)
+            return
+        work = asyncio.ensure_future(self.engine.run_command(command, target))
+        done, _ = await asyncio.wait({work}, timeout=self.defer_after)
+        deferred = work not in done
+        if deferred:
+            # Not answered within the interaction's 3 s: say "thinking" now, edit later.
+            await interaction.response.defer(ephemeral=True, thinking=True)
+        try:
+            answer = await work
+        except ThreadbotError as error:
+            log.warning("command %s on %s failed: %s", command.action, target, error)
+            answer = str(error) or COMMAND_FAILED
+        except Exception:
+            log.exception("command %s on %s failed", command.action, target)
+            answer = COMMAND_FAILED
+        answer = answer[: DiscordReply.max_chars]
+        if deferred:
+            await interaction.edit_original_response(content=answer)
+        else:
+            await interaction.response.send_message(answer, ephemeral=True)
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def _addressed(self, message: discord.Message) -> bool:
+        """Cheap checks on the gateway's task: is this a person's message worth a look?"""
+        me = self.user
+        if me is None or message.author.id == me.id:
+            return False
+        if message.author.bot or message.webhook_id is not None:
+            return False
+        return message.type in CONVERSATIONAL_TYPES
+
+    def _mentions_me(self, message: discord.Message) -> bool:
+        return self.user is not None and self.user.id in message.raw_mentions
+
+    def _strip_mentions(self, text: str) -> str:
+        assert self.user is not None
+        return re.sub(rf"<@!?{self.user.id}>", " ", text).strip()
+
+    async def on_message(self, message: discord.Message) -> None:
+        if self._addressed(message):
+            self._spawn(self._respond(message), name=f"discord-turn-{message.id}")
+
+    async def _respond(self, message: discord.Message) -> None:
+        try:
+            await self._turn(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("turn for Discord message %s failed", message.id)
+
+    async def _turn(self, message: discord.Message) -> None:
+        mentioned = self._mentions_me(message)
+        text = self._strip_mentions(message.content)
+        channel = message.channel
+        reference: discord.Message | None = None
+        context: tuple[ChatMessage, ...] = ()
+        if message.guild is None:
+            key = ConversationKey(PLATFORM, DM_WORKSPACE, str(channel.id))
+        elif isinstance(channel, discord.Thread):
+            key = self._thread_key(channel)
+            known = await self.engine.knows(key)
+            if not mentioned and (self.settings.require_mention or not known):
+                return
+            if not known:
+                context = await self._thread_context(channel, message)
+        elif mentioned and isinstance(channel, discord.TextChannel):
+            thread = None
+            if text or message.attachments:
+                thread = await self._open_thread(message, channel, text)
+            if thread is not None:
+                channel, key = thread, self._thread_key(thread)
+            else:
+                # No thread (empty mention, or not allowed): answer as a reply in the channel.
+                reference = message
+                key = ConversationKey(
+                    PLATFORM, str(message.guild.id), str(channel.id), str(message.id)
+                )
+        else:
+            return
+        if message.attachments:
+            text = await with_attachments(text, message.attachments)
+        incoming = IncomingMessage(
+            key=key,
+            text=text,
+            user_id=str(message.author.id),
+            message_id=str(message.id),
+            thread_context=context,
+        )
+        surface = DiscordReply(channel, reference=reference)
+        streamer = ReplyStreamer(surface, self.budgets, log_context=f"discord {key}")
+        result = await self.engine.handle(incoming, streamer)
+        log.info("discord message %s in %s: %s", message.id, key, result.status)
+
+    @staticmethod
+    def _thread_key(thread: discord.Thread) -> ConversationKey:
+        return ConversationKey(
+            PLATFORM, str(thread.guild.id), str(thread.parent_id), str(thread.id)
+        )
+
+    async def _open_thread(
+        self, message: discord.Message, channel: discord.TextChannel, text: str
+    ) -> discord.Thread | None:
+        """Start a thread on the message; None when the bot may not (it answers in the channel)."""
+        try:
+            return await message.create_thread(
+                name=thread_name(text), auto_archive_duration=THREAD_ARCHIVE_MINUTES
+            )
+        except discord.Forbidden as error:
+            me = channel.guild.me
+            allowed = channel.permissions_for(me) if me is not None else None
+            missing = [
+                p.replace("_", " ").title()
+                for p in THREAD_PERMISSIONS
+                if allowed is None or not getattr(allowed, p)
+            ] or ["Create Public Threads", "Send Messages in Threads"]
+            log.warning(
+                "cannot open a thread in #%s (%s) of %s: Discord said %r; the bot needs %s there. "
+                "Answering as a reply in the channel instead.",
+                channel.name, channel.id, channel.guild.name, error.text, " and ".join(missing),
+            )  # fmt: skip
+            return None
+        except discord.HTTPException as error:
+            if error.code != THREAD_ALREADY_CREATED:
+                log.warning("could not open a thread on %s (%s); answering in the channel",
+                            message.id, error)  # fmt: skip
+                return None
+        # A thread started on a message has the message's id (a redelivered message lands here).
+        thread = channel.guild.get_thread(message.id)
+        if thread is None:
+            with contextlib.suppress(discord.HTTPException):
+                fetched = await self.fetch_channel(message.id)
+                if isinstance(fetched, discord.Thread):
+                    thread = fetched
+        return thread
+
+    async def _thread_context(
+        self, thread: discord.Thread, message: discord.Message
+    ) -> tuple[ChatMessage, ...]:
+        """Earlier messages of a thread the bot joins late, oldest first, to seed the conversation."""
+        me = self.user
+        earlier: list[ChatMessage] = []
+        try:
+            async for past in thread.history(limit=THREAD_CONTEXT_MESSAGES, before=message):
+                content = self._strip_mentions(past.content)
+                if not content:
+                    continue
+                if me is not None and past.author.id == me.id:
+                    earlier.append(ChatMessage("assistant", content))
+                else:
+                    earlier.append(ChatMessage("user", f"{past.author.display_name}: {content}"))
+        except discord.HTTPException as error:
+            log.warning("could not read the history of thread %s: %s", thread.id, error)
+        return tuple(reversed(earlier))

@@ -1,0 +1,194 @@
+"""DiscordReply: one answer's messages in a Discord channel, thread or DM, as the streamer drives it.
+
+Also the two things that connect discord.py's HTTP layer to the shared pacing budgets: the rate
+scopes of a channel (``channel_scopes``) and an aiohttp trace (``rate_limit_trace``) that feeds
+Discord's ``X-RateLimit-*`` headers, and its 429s, to the budgets of the same scopes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any, Literal
+
+import aiohttp
+import discord
+
+from core.errors import PermanentSurfaceError, SurfaceRateLimited, TransientSurfaceError
+from core.ratelimit import Budgets
+from core.reply import RateScope
+
+log = logging.getLogger(__name__)
+
+#: discord-api-docs "Message" / "Create Message": ``content`` holds up to 2,000 characters.
+MAX_MESSAGE_CHARS = 2000
+#: Create Message is bucketed per channel: 5 per 5 s (discord-api-docs "Rate Limits" example
+#: bucket; the live numbers arrive in X-RateLimit-* headers and override these).
+CHANNEL_POSTS_PER_WINDOW = 5
+#: Message edits share a per-channel bucket of about 5 per 5 s (undocumented; observed headers).
+CHANNEL_EDITS_PER_WINDOW = 5
+CHANNEL_WINDOW_SECONDS = 5.0
+#: discord-api-docs "Rate Limits": a bot may make 50 requests per second in total.
+BOT_REQUESTS_PER_SECOND = 50
+#: Retry-After assumed when a 429 carries neither the header nor a JSON ``retry_after``.
+DEFAULT_RETRY_AFTER = 1.0
+
+BOT_SCOPE_KEY = "discord:bot"
+BOT_SCOPE = RateScope(BOT_SCOPE_KEY, BOT_REQUESTS_PER_SECOND, BOT_REQUESTS_PER_SECOND)
+
+Call = Literal["post", "edit"]
+
+# discord.py's routes for posting and editing a message, as they appear in the request path.
+_POST_PATH = re.compile(r"/channels/(\d+)/messages$")
+_EDIT_PATH = re.compile(r"/channels/(\d+)/messages/\d+$")
+
+
+def scope_key(channel_id: int | str, call: Call) -> str:
+    """The budget key of a channel's post or edit bucket (threads and DMs are channels too)."""
+    return f"discord:channel:{channel_id}:{call}"
+
+
+def channel_scopes(channel_id: int | str, call: Call) -> tuple[RateScope, ...]:
+    """The scopes one post or edit in ``channel_id`` consumes: the channel's bucket and the bot's."""
+    per_window = CHANNEL_POSTS_PER_WINDOW if call == "post" else CHANNEL_EDITS_PER_WINDOW
+    channel = RateScope(
+        scope_key(channel_id, call), per_window / CHANNEL_WINDOW_SECONDS, burst=per_window
+    )
+    return (channel, BOT_SCOPE)
+
+
+def _retry_after(error: discord.HTTPException) -> float:
+    headers = getattr(error.response, "headers", None) or {}
+    for name in ("Retry-After", "X-RateLimit-Reset-After"):
+        with contextlib.suppress(TypeError, ValueError):
+            return max(0.0, float(headers[name]))
+    return DEFAULT_RETRY_AFTER
+
+
+@contextlib.contextmanager
+def translated_errors(key: str) -> Iterator[None]:
+    """Translate discord.py and aiohttp failures of one call into the surface error tree.
+
+    discord.py has already slept on Retry-After and retried (5 tries) before a 429 gets here.
+    """
+    try:
+        yield
+    except discord.RateLimited as error:  # over discord.py's max_ratelimit_timeout
+        raise SurfaceRateLimited(str(error), retry_after=error.retry_after, scope=key) from error
+    except discord.HTTPException as error:
+        if error.status == 429:
+            wait = _retry_after(error)
+            raise SurfaceRateLimited(str(error), retry_after=wait, scope=key) from error
+        if error.status >= 500:
+            raise TransientSurfaceError(str(error)) from error
+        raise PermanentSurfaceError(str(error), code=str(error.code or error.status)) from error
+    except (TimeoutError, aiohttp.ClientError, ConnectionError) as error:
+        raise TransientSurfaceError(f"Discord unreachable: {error!r}") from error
+
+
+class DiscordReply:
+    """A ``ReplySurface`` over one Discord channel (text channel, thread or DM).
+
+    ``reference`` makes the first message a reply to the user's message: used when the bot
+    answers in the channel because it may not open a thread there.
+    """
+
+    max_chars = MAX_MESSAGE_CHARS
+
+    def __init__(
+        self, channel: discord.abc.Messageable, *, reference: discord.Message | None = None
+    ) -> None:
+        channel_id = getattr(channel, "id", None)
+        if not isinstance(channel_id, int):
+            raise TypeError("DiscordReply needs a channel with an id")
+        self.channel = channel
+        self.channel_id = channel_id
+        self.reference = reference
+        self.message_ids: list[str] = []
+
+    def render(self, text: str) -> str:
+        # Discord renders Markdown itself.
+        return text
+
+    def scopes(self, call: str) -> tuple[RateScope, ...]:
+        return channel_scopes(self.channel_id, "edit" if call == "edit" else "post")
+
+    async def post(self, text: str) -> str:
+        # Only the first message of the reply points at the question; continuations follow it.
+        reference = self.reference if not self.message_ids else None
+        with translated_errors(scope_key(self.channel_id, "post")):
+            if reference is not None:
+                message = await self.channel.send(
+                    text,
+                    reference=reference,
+                    mention_author=False,
+                    allowed_mentions=discord.AllowedMentions.none(),
+                )
+            else:
+                message = await self.channel.send(
+                    text, allowed_mentions=discord.AllowedMentions.none()
+                )
+        self.message_ids.append(str(message.id))
+        return str(message.id)
+
+    async def edit(self, message_id: str, text: str) -> None:
+        partial = discord.PartialMessage(channel=self.channel, id=int(message_id))  # type: ignore[arg-type]
+        with translated_errors(scope_key(self.channel_id, "edit")):
+            await partial.edit(content=text, allowed_mentions=discord.AllowedMentions.none())
+
+    async def show_typing(self) -> None:
+        # One typing call shows the indicator for 10 s or until the bot's next message.
+        try:
+            with translated_errors(scope_key(self.channel_id, "post")):
+                await self.channel.typing()
+        except (TransientSurfaceError, PermanentSurfaceError) as error:
+            log.debug("typing indicator failed in %s: %s", self.channel_id, error)
+
+
+def _header_float(headers: Any, name: str) -> float | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def rate_limit_trace(budgets: Budgets) -> aiohttp.TraceConfig:
+    """An aiohttp trace that feeds message posts' and edits' rate-limit headers to ``budgets``.
+
+    discord.py keeps these headers to itself; reading them here lets every reply in a channel
+    slow down together before Discord says 429. A 429 pauses the scope for its Retry-After.
+    """
+
+    async def on_request_end(
+        session: aiohttp.ClientSession, context: SimpleNamespace, params: Any
+    ) -> None:
+        path = params.url.path
+        if params.method == "POST" and (match := _POST_PATH.search(path)):
+            key = scope_key(match.group(1), "post")
+        elif params.method == "PATCH" and (match := _EDIT_PATH.search(path)):
+            key = scope_key(match.group(1), "edit")
+        else:
+            return
+        headers = params.response.headers
+        if params.response.status == 429:
+            wait = _header_float(headers, "Retry-After")
+            if headers.get("X-RateLimit-Global"):
+                key = BOT_SCOPE_KEY
+            budgets.pause(key, wait if wait is not None else DEFAULT_RETRY_AFTER)
+            return
+        remaining = _header_float(headers, "X-RateLimit-Remaining")
+        if remaining is None:
+            return
+        budgets.observe(
+            key, remaining=remaining, reset_after=_header_float(headers, "X-RateLimit-Reset-After")
+        )
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_end.append(on_request_end)
+    return trace
