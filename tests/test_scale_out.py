@@ -1,0 +1,67 @@
+"""Several workers on one database: each message answered once, turns of a conversation ordered."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from core.config import Settings
+from core.conversation import ConversationKey, IncomingMessage
+from core.engine import ChatEngine
+from core.providers.offline import OfflineProvider
+from core.reply import CollectingSink
+from core.store import ConversationStore
+
+KEY = ConversationKey("slack", "T1", "C1", "42.000")
+
+
+@pytest.fixture
+async def workers(
+    database_url: str,
+) -> AsyncIterator[tuple[tuple[ChatEngine, OfflineProvider], tuple[ChatEngine, OfflineProvider]]]:
+    """Two engines, each with its own store (its own connection pool), like two processes."""
+    settings = Settings.from_mapping({"DATABASE_URL": database_url})
+    pairs = []
+    for _ in range(2):
+        store = await ConversationStore.open(database_url)
+        provider = OfflineProvider(settings, delay=0.01)
+        pairs.append((ChatEngine(settings, store, provider), provider))
+    yield pairs[0], pairs[1]
+    for engine, _ in pairs:
+        await engine.store.close()
+
+
+async def test_the_same_delivery_to_two_workers_is_answered_once(workers: tuple) -> None:
+    (a, pa), (b, pb) = workers
+    pa.enqueue(["from a"])
+    pb.enqueue(["from b"])
+    incoming = IncomingMessage(key=KEY, text="hello", user_id="U1", message_id="C1:42.000")
+    results = await asyncio.gather(
+        a.handle(incoming, CollectingSink()), b.handle(incoming, CollectingSink())
+    )
+    assert sorted(r.status for r in results) == ["answered", "duplicate"]
+    conversation = await a.store.find(KEY)
+    assert conversation is not None
+    assert await a.store.count_messages(conversation) == 2
+
+
+async def test_turns_of_one_conversation_on_two_workers_do_not_interleave(workers: tuple) -> None:
+    (a, pa), (b, pb) = workers
+    await a.store.get_or_create(KEY)
+    pa.enqueue(["alpha ", "answer"])
+    pb.enqueue(["beta ", "answer"])
+    first = IncomingMessage(key=KEY, text="one", user_id="U1", message_id="m1")
+    second = IncomingMessage(key=KEY, text="two", user_id="U1", message_id="m2")
+    await asyncio.gather(a.handle(first, CollectingSink()), b.handle(second, CollectingSink()))
+    conversation = await a.store.find(KEY)
+    assert conversation is not None
+    history = [(m.role, m.content) for m in await a.store.history(conversation, limit=None)]
+    assert len(history) == 4
+    if a.store.is_postgres:
+        # With the advisory lock a turn runs whole: user, its answer, then the next user message.
+        roles = [role for role, _ in history]
+        assert roles == ["user", "assistant", "user", "assistant"]
+        later = pb.requests if history[2][1] == "two" else pa.requests
+        assert [m.content for m in later[0].messages][:2] == [history[0][1], history[1][1]]
