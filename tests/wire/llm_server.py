@@ -416,7 +416,10 @@ class FakeLLMServer:
         body = await self._record(request)
         if not isinstance(body, dict):
             return self._error_response("anthropic", Reply(kind="status", status=400), "")
-        presented = request.headers.get("x-api-key", "")
+        # The API documents x-api-key; SDK 2.x sends the key as a bearer token. Accept both.
+        presented = request.headers.get("x-api-key") or request.headers.get(
+            "Authorization", ""
+        ).removeprefix("Bearer ")
         return await self._answer(request, _anthropic_prompt(body), presented)
 
     async def _answer(
