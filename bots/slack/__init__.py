@@ -1,0 +1,1 @@
+"""The Slack adapter: Bolt app, SlackReply surface, HTTP or Socket Mode entry point."""

@@ -1,0 +1,105 @@
+"""``threadbot slack`` (also ``python -m bots.slack``): run the Slack bot.
+
+HTTP mode serves ``POST /slack/events`` and ``GET /healthz`` on ``PORT``; with
+``SLACK_APP_TOKEN`` set the bot connects over Socket Mode instead and serves only ``/healthz``.
+SIGTERM / SIGINT end every reply in progress with a note, then exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from bots.slack.app import EVENTS_PATH, HEALTH_PATH, SlackBot
+from core.config import Settings
+from core.engine import ChatEngine
+from core.errors import ConfigError
+
+log = logging.getLogger("bots.slack")
+
+#: Seconds each Web API call may take before it counts as a transient failure.
+SLACK_API_TIMEOUT_SECONDS = 15
+
+
+async def serve(settings: Settings, stop: asyncio.Event, *, host: str = "0.0.0.0") -> None:
+    """Run until ``stop`` is set: open the engine, serve HTTP (and Socket Mode), shut down."""
+    engine = await ChatEngine.create(settings)
+    log.info("language model: %s", engine.provider.label)
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SLACK_API_TIMEOUT_SECONDS))
+    runner: web.AppRunner | None = None
+    # Bolt's Socket Mode handler (untyped); only set in Socket Mode.
+    handler: Any = None
+    try:
+        bot = SlackBot(settings, engine)
+        # One connection pool for every Web API call (slack_sdk opens one per call otherwise).
+        bot.client.session = session
+        # In Socket Mode requests arrive over the websocket; only the health check is served.
+        app = bot.web_app(events=not bot.socket_mode)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, settings.port).start()
+        await bot.start()
+        if bot.socket_mode:
+            from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+
+            handler = AsyncSocketModeHandler(bot.app, settings.slack_app_token)
+            await handler.connect_async()
+            log.info(
+                "connected over Socket Mode; health check on :%d%s", settings.port, HEALTH_PATH
+            )
+        else:
+            log.info("listening on :%d (POST %s, GET %s)", settings.port, EVENTS_PATH, HEALTH_PATH)
+        await stop.wait()
+        log.info("shutting down: ending replies in progress")
+        await bot.close()
+    finally:
+        if handler is not None:
+            await handler.close_async()
+        if runner is not None:
+            await runner.cleanup()
+        await engine.close()
+        await session.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``threadbot slack``; returns the process exit status."""
+    parser = argparse.ArgumentParser(
+        prog="threadbot slack",
+        description="Run the Slack bot: HTTP mode on PORT, or Socket Mode when SLACK_APP_TOKEN "
+        "is set. Configuration comes from the environment and .env (see README).",
+    )
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = Settings.load()
+    except ConfigError as error:
+        print(f"threadbot slack: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await serve(settings, stop, host=args.host)
+
+    try:
+        asyncio.run(run())
+    except ConfigError as error:
+        print(f"threadbot slack: {error} (setting: {error.setting})", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

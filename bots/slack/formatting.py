@@ -1,0 +1,80 @@
+"""Between Slack's text and Markdown, both ways.
+
+Outgoing: the model writes standard Markdown, and Slack renders standard Markdown itself in a
+``markdown`` block (chat.postMessage / chat.update) and in ``markdown_text`` (chat.startStream /
+appendStream / stopStream). So answers are sent as Markdown, unconverted: code blocks, bold,
+lists, links, headings and tables come out as the model meant them, the two streaming paths show
+the same thing, and appends stay chunk-safe (no conversion can straddle a chunk boundary).
+Converting to mrkdwn instead would lose headings, nested lists and tables, and cap a message at
+~4,000 characters instead of 12,000. The only mrkdwn we write is the plain ``text`` fallback that
+notifications and old clients show (``fallback_text``), escaped as mrkdwn requires.
+
+Incoming: Slack sends message text as mrkdwn with ``&``, ``<`` and ``>`` escaped and links,
+mentions and channels in angle brackets; ``to_plain`` turns it into what the person typed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+#: A markdown block holds standard Markdown; all markdown blocks of one payload hold at most
+#: 12,000 characters together (docs.slack.dev Block Kit "Markdown block").
+MAX_MARKDOWN_CHARS = 12_000
+#: The ``text`` fallback is only what a notification shows; Slack answers msg_too_long from about
+#: 4,000 characters of ``text`` (docs.slack.dev chat.postMessage, "Truncating content").
+FALLBACK_CHARS = 300
+
+_MENTION = re.compile(r"<@([A-Z0-9]+)(?:\|([^>]*))?>")
+_CHANNEL = re.compile(r"<#([A-Z0-9]+)(?:\|([^>]*))?>")
+_SPECIAL = re.compile(r"<!([a-z]+)(?:\^[^|>]*)?(?:\|([^>]*))?>")
+_LINK = re.compile(r"<((?:https?|mailto|tel):[^|>]+)(?:\|([^>]*))?>")
+_MD_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
+_MD_EMPHASIS = re.compile(r"(\*\*|__|~~)(.+?)\1")
+_MD_HEADING = re.compile(r"^#{1,6}\s+", re.MULTILINE)
+
+
+def markdown_blocks(text: str) -> list[dict[str, Any]]:
+    """One ``markdown`` block holding ``text`` (standard Markdown, at most 12,000 characters)."""
+    return [{"type": "markdown", "text": text}]
+
+
+def fallback_text(markdown: str, limit: int = FALLBACK_CHARS) -> str:
+    """The plain mrkdwn ``text`` a notification shows for a Markdown answer."""
+    text = markdown.replace("```", "")
+    text = _MD_LINK.sub(r"\1 (\2)", text)
+    text = _MD_EMPHASIS.sub(r"\2", text)
+    text = _MD_HEADING.sub("", text)
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[: limit - 1].rstrip() + "…"
+    return escape(text)
+
+
+def escape(text: str) -> str:
+    """Escape the three characters mrkdwn treats as control characters."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def strip_mention(text: str, bot_user_id: str) -> str:
+    """``text`` without the mentions of the bot (``<@U123>`` or ``<@U123|name>``)."""
+    return re.sub(rf"<@{re.escape(bot_user_id)}(?:\|[^>]*)?>", " ", text).strip()
+
+
+def mentions(text: str, user_id: str) -> bool:
+    """Whether ``text`` mentions ``user_id``."""
+    return any(m.group(1) == user_id for m in _MENTION.finditer(text))
+
+
+def to_plain(text: str) -> str:
+    """Slack's incoming mrkdwn as the person typed it: links, mentions, channels, escapes."""
+
+    def link(m: re.Match[str]) -> str:
+        url, label = m.group(1), m.group(2)
+        return url.removeprefix("mailto:") if not label or label == url else f"{label} ({url})"
+
+    text = _LINK.sub(link, text)
+    text = _MENTION.sub(lambda m: "@" + (m.group(2) or m.group(1)), text)
+    text = _CHANNEL.sub(lambda m: "#" + (m.group(2) or m.group(1)), text)
+    text = _SPECIAL.sub(lambda m: "@" + (m.group(2) or m.group(1)).lstrip("@"), text)
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")

@@ -1,0 +1,255 @@
+"""SlackReply: one answer's messages in a Slack thread or DM, as the streamer drives them.
+
+``SlackReply`` is an ``AppendReplySurface`` over slack_sdk's ``AsyncWebClient``:
+
+- the edit path: ``chat.postMessage`` then ``chat.update``, each message a ``markdown`` block
+  (Slack renders the model's Markdown itself; editing with blocks shows no "(edited)"), with a
+  short plain ``text`` for notifications;
+- the native path: ``chat.startStream`` / ``appendStream`` / ``stopStream`` with
+  ``markdown_text``; the streamer falls back to the edit path when Slack answers that streaming
+  is not allowed (``on_native_refused`` lets the bot remember that for the workspace), and the
+  bot passes ``native=False`` to the streamer where it should not stream natively.
+
+Every call names the rate-limit scopes it consumes, keyed as Slack limits them: per method per
+workspace (``slack:T123:chat.update``), and for ``chat.postMessage`` also per channel. slack_sdk
+errors are translated here and nowhere else: HTTP 429 -> ``SurfaceRateLimited`` with the
+``Retry-After`` seconds, 5xx / timeouts / dropped connections -> ``TransientSurfaceError``,
+anything else -> ``PermanentSurfaceError`` carrying Slack's error string as ``code``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+from slack_sdk.web.async_slack_response import AsyncSlackResponse
+
+from bots.slack.formatting import MAX_MARKDOWN_CHARS, fallback_text, markdown_blocks
+from core.errors import (
+    PermanentSurfaceError,
+    SurfaceError,
+    SurfaceRateLimited,
+    TransientSurfaceError,
+)
+from core.reply import RateScope
+from core.streaming import NATIVE_STREAM_UNSUPPORTED_CODES
+
+log = logging.getLogger(__name__)
+
+# Slack's published rates (docs.slack.dev "Rate limits" and each method's reference page), per
+# workspace per app unless noted, in calls per second.
+#: chat.update is Tier 3: 50+ per minute.
+CHAT_UPDATE_PER_SECOND = 50 / 60
+#: chat.postMessage: about 1 per second per channel ("short bursts above it are allowed").
+POST_PER_CHANNEL_PER_SECOND = 1.0
+#: chat.postMessage across a workspace: "several hundred messages per minute"; we assume 300.
+POST_PER_WORKSPACE_PER_SECOND = 300 / 60
+#: chat.startStream and chat.stopStream are Tier 2: 20+ per minute.
+STREAM_START_STOP_PER_SECOND = 20 / 60
+#: chat.appendStream is Tier 4: 100+ per minute.
+STREAM_APPEND_PER_SECOND = 100 / 60
+#: Calls a scope may spend at once after a quiet spell. Slack tolerates "occasional bursts" on
+#: every tier; small numbers keep the start of a busy minute from tripping a 429.
+EDIT_BURST = 3
+POST_BURST = 1
+STREAM_BURST = 3
+APPEND_BURST = 5
+
+#: Slack error strings that mean "try again later" rather than "this cannot work".
+TRANSIENT_ERRORS = frozenset(
+    {"internal_error", "fatal_error", "service_unavailable", "request_timeout", "team_not_ready"}
+)
+#: Seconds to wait on a 429 that carries no Retry-After (Slack always sends one; be safe).
+DEFAULT_RETRY_AFTER = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyTarget:
+    """Where one reply goes: a thread (``thread_ts``) or the top of a DM (``thread_ts`` None).
+
+    ``user`` and ``user_team`` are whom the answer is for: native streams need them
+    (``recipient_user_id`` / ``recipient_team_id``).
+    """
+
+    team: str
+    channel: str
+    thread_ts: str | None
+    user: str
+    user_team: str
+
+
+def message_id(channel: str, ts: str) -> str:
+    """The platform id of a Slack message, as stored: ``channel:ts``."""
+    return f"{channel}:{ts}"
+
+
+def split_message_id(value: str) -> tuple[str, str]:
+    """``(channel, ts)`` of a ``message_id``."""
+    channel, _, ts = value.rpartition(":")
+    return channel, ts
+
+
+def translate(error: Exception, *, method: str, scope: str | None) -> SurfaceError:
+    """The core error for a failed slack_sdk call of ``method`` (rate-limit ``scope``)."""
+    if isinstance(error, SlackApiError):
+        response = error.response
+        status = int(getattr(response, "status_code", 200) or 200)
+        code = str(response.get("error", "") if hasattr(response, "get") else "") or "unknown"
+        if status == 429 or code == "ratelimited":
+            headers = getattr(response, "headers", None) or {}
+            raw = headers.get("Retry-After") or headers.get("retry-after")
+            try:
+                retry_after = float(raw) if raw is not None else DEFAULT_RETRY_AFTER
+            except ValueError:
+                retry_after = DEFAULT_RETRY_AFTER
+            return SurfaceRateLimited(
+                f"Slack {method}: rate limited for {retry_after:g}s",
+                retry_after=retry_after,
+                scope=scope,
+            )
+        if status >= 500 or code in TRANSIENT_ERRORS:
+            return TransientSurfaceError(f"Slack {method}: {code} (HTTP {status})")
+        return PermanentSurfaceError(f"Slack {method}: {code}", code=code)
+    if isinstance(error, aiohttp.ClientError | TimeoutError):
+        return TransientSurfaceError(f"Slack {method}: {type(error).__name__}: {error}")
+    raise error
+
+
+class SlackReply:
+    """``AppendReplySurface`` for one answer in one Slack thread or DM (see the module docstring)."""
+
+    #: What one message may hold: its markdown block's 12,000 characters.
+    max_chars = MAX_MARKDOWN_CHARS
+
+    def __init__(
+        self,
+        client: AsyncWebClient,
+        target: ReplyTarget,
+        *,
+        rate_scale: float = 1.0,
+        on_native_refused: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.target = target
+        # Called with (team, Slack error) when the workspace refuses native streaming.
+        self.on_native_refused = on_native_refused
+        # Tests and benchmarks run Slack's minute faster; the fake server scales its limits alike.
+        self.rate_scale = rate_scale
+
+    def render(self, text: str) -> str:
+        """Identity: Slack renders standard Markdown in markdown blocks and markdown_text."""
+        return text
+
+    def scopes(self, call: str) -> tuple[RateScope, ...]:
+        team, s = self.target.team, self.rate_scale
+        if call == "post":
+            return (
+                RateScope(
+                    f"slack:{team}:{self.target.channel}:chat.postMessage",
+                    POST_PER_CHANNEL_PER_SECOND * s,
+                    POST_BURST,
+                ),
+                RateScope(
+                    f"slack:{team}:chat.postMessage", POST_PER_WORKSPACE_PER_SECOND * s, POST_BURST
+                ),
+            )
+        if call == "edit":
+            return (RateScope(f"slack:{team}:chat.update", CHAT_UPDATE_PER_SECOND * s, EDIT_BURST),)
+        if call in ("start", "stop"):
+            method = "chat.startStream" if call == "start" else "chat.stopStream"
+            return (
+                RateScope(f"slack:{team}:{method}", STREAM_START_STOP_PER_SECOND * s, STREAM_BURST),
+            )
+        if call == "append":
+            return (
+                RateScope(
+                    f"slack:{team}:chat.appendStream", STREAM_APPEND_PER_SECOND * s, APPEND_BURST
+                ),
+            )
+        raise ValueError(f"unknown Slack surface call {call!r}")
+
+    async def post(self, text: str) -> str:
+        kwargs: dict[str, Any] = {
+            "channel": self.target.channel,
+            "text": fallback_text(text),
+            "blocks": markdown_blocks(text),
+            # Link previews would jump around while the answer is still being written.
+            "unfurl_links": False,
+            "unfurl_media": False,
+        }
+        if self.target.thread_ts:
+            kwargs["thread_ts"] = self.target.thread_ts
+        response = await self._call(
+            "post", "chat.postMessage", self.client.chat_postMessage, kwargs
+        )
+        return message_id(self.target.channel, str(response["ts"]))
+
+    async def edit(self, message_id: str, text: str) -> None:
+        channel, ts = split_message_id(message_id)
+        kwargs = {
+            "channel": channel,
+            "ts": ts,
+            "text": fallback_text(text),
+            "blocks": markdown_blocks(text),
+        }
+        await self._call("edit", "chat.update", self.client.chat_update, kwargs)
+
+    async def show_typing(self) -> None:
+        """Nothing: Slack has no typing indicator for bots outside assistant threads; the
+        streamer's first message is the sign of life."""
+
+    async def _call(
+        self,
+        call: str,
+        method: str,
+        function: Callable[..., Awaitable[AsyncSlackResponse]],
+        kwargs: dict[str, Any],
+    ) -> AsyncSlackResponse:
+        try:
+            return await function(**kwargs)
+        except (SlackApiError, aiohttp.ClientError, TimeoutError) as error:
+            translated = translate(error, method=method, scope=self.scopes(call)[0].key)
+            log.debug("%s", translated)
+            raise translated from error
+
+    async def start(self, text: str) -> str:
+        if not self.target.thread_ts:
+            # Slack streams only as a reply to a message; a top-level DM answer cannot stream.
+            raise PermanentSurfaceError("Slack streams only into threads", code="not_allowed")
+        kwargs: dict[str, Any] = {
+            "channel": self.target.channel,
+            "thread_ts": self.target.thread_ts,
+            # Bot tokens must name the recipient, in DMs too.
+            "recipient_user_id": self.target.user,
+            "recipient_team_id": self.target.user_team,
+        }
+        if text:
+            kwargs["markdown_text"] = text
+        try:
+            response = await self._call(
+                "start", "chat.startStream", self.client.chat_startStream, kwargs
+            )
+        except PermanentSurfaceError as error:
+            if error.code in NATIVE_STREAM_UNSUPPORTED_CODES and self.on_native_refused:
+                self.on_native_refused(self.target.team, error.code or "")
+            raise
+        return message_id(self.target.channel, str(response["ts"]))
+
+    async def append(self, message_id: str, delta: str) -> None:
+        if not delta:
+            return
+        channel, ts = split_message_id(message_id)
+        kwargs = {"channel": channel, "ts": ts, "markdown_text": delta}
+        await self._call("append", "chat.appendStream", self.client.chat_appendStream, kwargs)
+
+    async def stop(self, message_id: str, delta: str) -> None:
+        channel, ts = split_message_id(message_id)
+        kwargs: dict[str, Any] = {"channel": channel, "ts": ts}
+        if delta:
+            kwargs["markdown_text"] = delta
+        await self._call("stop", "chat.stopStream", self.client.chat_stopStream, kwargs)

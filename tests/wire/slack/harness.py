@@ -1,0 +1,117 @@
+"""The real Slack bot wired to the fake Slack: Bolt in HTTP mode on 127.0.0.1, the real
+AsyncWebClient pointed at ``FakeSlack``, a ChatEngine on a temp SQLite file with the offline
+provider. Tests and ``bench/slack_concurrency.py`` drive it with ``SlackSender``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from bots.slack.app import EVENTS_PATH, SlackBot, build_client
+from core.config import Settings
+from core.engine import ChatEngine
+from core.providers.offline import OfflineProvider
+from core.ratelimit import Budgets
+from core.retry import RetryPolicy
+from core.store import ConversationStore
+
+from .sender import SlackSender
+from .server import FakeSlack
+
+SIGNING_SECRET = "test-signing-secret-0123456789abcdef"
+
+
+async def _no_wait(seconds: float) -> None:
+    await asyncio.sleep(0)
+
+
+@dataclass
+class Harness:
+    """Everything a Slack test touches."""
+
+    fake: FakeSlack
+    bot: SlackBot
+    engine: ChatEngine
+    provider: OfflineProvider
+    sender: SlackSender
+    session: aiohttp.ClientSession
+    base_url: str
+
+    async def settle(self) -> None:
+        """Wait until every turn the bot accepted so far has finished."""
+        await asyncio.wait_for(self.bot.drain(), timeout=60)
+
+    def new_ts(self) -> str:
+        """A timestamp for a message a person is about to post."""
+        return self.fake.next_ts()
+
+    async def get(self, path: str) -> tuple[int, Any]:
+        async with self.session.get(self.base_url + path) as response:
+            return response.status, await response.json()
+
+
+@asynccontextmanager
+async def running_bot(
+    database_url: str,
+    *,
+    streaming: str = "update",
+    rate_scale: float = 10.0,
+    provider_delay: float = 0.0,
+    max_attempts: int = 3,
+    start: bool = True,
+    fake: FakeSlack | None = None,
+    **overrides: Any,
+) -> AsyncIterator[Harness]:
+    """Serve the fake Slack and the bot; yield a ``Harness``; shut both down."""
+    own_fake = fake is None
+    fake = fake or FakeSlack(rate_scale=rate_scale)
+    if own_fake:
+        await fake.start()
+    settings = Settings.from_mapping({"DATABASE_URL": database_url, "OFFLINE_DELAY": "0"})
+    settings = settings.with_overrides(
+        slack_bot_token=fake.team.token,
+        slack_signing_secret=SIGNING_SECRET,
+        slack_api_url=fake.url,
+        slack_streaming=streaming,
+        **overrides,
+    )
+    store = await ConversationStore.open(settings.database_url)
+    provider = OfflineProvider(settings, delay=provider_delay)
+    engine = ChatEngine(
+        settings, store, provider, retry=RetryPolicy(max_attempts=max_attempts, sleep=_no_wait)
+    )
+    session = aiohttp.ClientSession()
+    client = build_client(settings)
+    client.session = session
+    bot = SlackBot(settings, engine, client=client, budgets=Budgets(), rate_scale=rate_scale)
+    runner = web.AppRunner(bot.web_app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server = site._server
+    assert server is not None and server.sockets
+    base_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    if start:
+        await bot.start()
+    sender = SlackSender(
+        base_url + EVENTS_PATH,
+        SIGNING_SECRET,
+        session,
+        team_id=fake.team.team_id,
+        bot_user_id=fake.team.bot_user_id,
+    )
+    try:
+        yield Harness(fake, bot, engine, provider, sender, session, base_url)
+    finally:
+        await bot.close()
+        await runner.cleanup()
+        await engine.close()
+        await session.close()
+        if own_fake:
+            await fake.stop()

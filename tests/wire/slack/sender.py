@@ -1,0 +1,197 @@
+"""Signed requests as Slack sends them to an app's Request URL (events, slash commands).
+
+Bodies are signed with slack_sdk's ``SignatureVerifier`` scheme (``v0=`` HMAC-SHA256 of
+``v0:<timestamp>:<body>`` with the signing secret) and POSTed over HTTP to the real Bolt app.
+Redeliveries carry ``X-Slack-Retry-Num`` / ``X-Slack-Retry-Reason`` as Slack's retries do.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+from slack_sdk.signature import SignatureVerifier
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What the app answered: HTTP status, body text, and the body as JSON when it is JSON."""
+
+    status: int
+    body: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+
+class SlackSender:
+    """Plays Slack's side of the Events API and slash commands against ``url``."""
+
+    def __init__(
+        self,
+        url: str,
+        signing_secret: str,
+        session: aiohttp.ClientSession,
+        *,
+        team_id: str = "T0001",
+        api_app_id: str = "A0001",
+        bot_user_id: str = "UBOT",
+    ) -> None:
+        self.url = url
+        self.signing_secret = signing_secret
+        self.session = session
+        self.team_id = team_id
+        self.api_app_id = api_app_id
+        self.bot_user_id = bot_user_id
+        self._event_ids = itertools.count(1)
+
+    async def post(
+        self,
+        body: str,
+        content_type: str,
+        *,
+        retry_num: int | None = None,
+        retry_reason: str = "http_timeout",
+        timestamp: int | None = None,
+        secret: str | None = None,
+        signature: str | None = None,
+    ) -> Answer:
+        """POST ``body`` signed (with another ``secret`` or a given ``signature`` to forge it)."""
+        ts = str(int(time.time()) if timestamp is None else timestamp)
+        verifier = SignatureVerifier(secret or self.signing_secret)
+        headers = {
+            "Content-Type": content_type,
+            "X-Slack-Request-Timestamp": ts,
+            "X-Slack-Signature": signature
+            or verifier.generate_signature(timestamp=ts, body=body)
+            or "",
+        }
+        if retry_num is not None:
+            headers["X-Slack-Retry-Num"] = str(retry_num)
+            headers["X-Slack-Retry-Reason"] = retry_reason
+        async with self.session.post(self.url, data=body.encode(), headers=headers) as response:
+            return Answer(response.status, await response.text())
+
+    def envelope(self, event: dict[str, Any], *, event_id: str | None = None) -> dict[str, Any]:
+        """An ``event_callback`` envelope around ``event``, as the Events API delivers it."""
+        return {
+            "token": "legacy-verification-token",
+            "team_id": self.team_id,
+            "api_app_id": self.api_app_id,
+            "event": event,
+            "type": "event_callback",
+            "event_id": event_id or f"Ev{next(self._event_ids):08d}",
+            "event_time": int(time.time()),
+            "authorizations": [
+                {
+                    "enterprise_id": None,
+                    "team_id": self.team_id,
+                    "user_id": self.bot_user_id,
+                    "is_bot": True,
+                    "is_enterprise_install": False,
+                }
+            ],
+            "is_ext_shared_channel": False,
+        }
+
+    async def event(
+        self, event: dict[str, Any], *, event_id: str | None = None, **kwargs: Any
+    ) -> Answer:
+        """Deliver one event (``kwargs`` as for ``post``: retry_num, timestamp, secret, ...)."""
+        body = json.dumps(self.envelope(event, event_id=event_id))
+        return await self.post(body, "application/json", **kwargs)
+
+    async def mention(
+        self,
+        text: str,
+        *,
+        channel: str = "C0001",
+        ts: str,
+        user: str = "U_ALICE",
+        thread_ts: str | None = None,
+        both: bool = True,
+        **kwargs: Any,
+    ) -> list[Answer]:
+        """A channel message mentioning the bot, delivered as Slack does: as ``app_mention`` and,
+        when ``both``, also as ``message`` (two events with different event ids)."""
+        base: dict[str, Any] = {
+            "user": user,
+            "text": f"<@{self.bot_user_id}> {text}".rstrip(),
+            "ts": ts,
+            "channel": channel,
+            "team": self.team_id,
+            "event_ts": ts,
+        }
+        if thread_ts:
+            base["thread_ts"] = thread_ts
+        answers = [await self.event({"type": "app_mention", **base}, **kwargs)]
+        if both:
+            answers.append(
+                await self.event({"type": "message", "channel_type": "channel", **base}, **kwargs)
+            )
+        return answers
+
+    async def message(
+        self,
+        text: str,
+        *,
+        channel: str = "C0001",
+        ts: str,
+        user: str = "U_ALICE",
+        thread_ts: str | None = None,
+        channel_type: str = "channel",
+        extra: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Answer:
+        """A plain ``message`` event (a thread reply, a DM with channel_type "im", ...)."""
+        event: dict[str, Any] = {
+            "type": "message",
+            "channel_type": channel_type,
+            "user": user,
+            "text": text,
+            "ts": ts,
+            "channel": channel,
+            "team": self.team_id,
+            "event_ts": ts,
+        }
+        if thread_ts:
+            event["thread_ts"] = thread_ts
+        event.update(extra or {})
+        return await self.event(event, **kwargs)
+
+    async def command(
+        self,
+        command: str,
+        text: str,
+        *,
+        channel: str = "C0001",
+        channel_name: str = "general",
+        user: str = "U_ALICE",
+        response_url: str = "http://127.0.0.1:9/unused",
+        **kwargs: Any,
+    ) -> Answer:
+        """A slash command, form-encoded as Slack posts it."""
+        body = urlencode(
+            {
+                "token": "legacy-verification-token",
+                "team_id": self.team_id,
+                "team_domain": "test",
+                "channel_id": channel,
+                "channel_name": channel_name,
+                "user_id": user,
+                "user_name": user.lower(),
+                "command": command,
+                "text": text,
+                "api_app_id": self.api_app_id,
+                "is_enterprise_install": "false",
+                "response_url": response_url,
+                "trigger_id": "1.2.3",
+            }
+        )
+        return await self.post(body, "application/x-www-form-urlencoded", **kwargs)

@@ -1,0 +1,574 @@
+"""A local HTTP server that imitates the Slack Web API, for the real slack_sdk AsyncWebClient.
+
+It speaks the wire format slack_sdk uses: ``POST /api/<method>`` (``GET`` for
+``conversations.replies``) with the token in ``Authorization: Bearer``, arguments as a query
+string, a form body or a JSON body. It answers like Slack: HTTP 200 with ``{"ok": true, ...}`` or
+``{"ok": false, "error": "<code>"}``, and HTTP 429 with ``Retry-After`` (whole seconds) and
+``{"ok": false, "error": "ratelimited"}`` when a method's rate limit for the workspace (or, for
+``chat.postMessage``, the channel) is exceeded.
+
+Rate limits are token buckets per method per workspace, at Slack's published tier rates
+(``METHOD_LIMITS``). ``rate_scale`` multiplies every rate (tests run Slack's minute in a few
+seconds: the bot's budgets are scaled by the same factor). Each bucket also holds a little more
+than the bot's own burst (``NETWORK_SLACK_CALLS``): calls paced exactly at the limit arrive with
+jittered network latency, and Slack itself tolerates short bursts above a tier's rate.
+
+Everything is recorded for assertions: every call (``calls``), counts per method (``counts``),
+429s per method (``ratelimited``), and each message with its successive visible states
+(``messages`` / ``message(channel, ts).states``). ``responses`` holds one-shot failures to inject.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+#: Slack tier rates in calls per minute (docs.slack.dev "Rate limits": Tier 2 20+/min, Tier 3
+#: 50+/min, Tier 4 100+/min; chat.postMessage "1 per second per channel" with short bursts).
+TIER_2_PER_MINUTE = 20.0
+TIER_3_PER_MINUTE = 50.0
+TIER_4_PER_MINUTE = 100.0
+POST_MESSAGE_PER_CHANNEL_PER_MINUTE = 60.0
+
+#: Text limits (docs.slack.dev chat.postMessage and Block Kit reference): ``text`` answers
+#: msg_too_long beyond about 4,000 characters in practice, ``markdown_text`` and the markdown
+#: blocks of one payload hold 12,000 characters in total, a section block's text at most 3,000,
+#: a message at most 50 blocks.
+MAX_TEXT_CHARS = 4_000
+MAX_MARKDOWN_CHARS = 12_000
+MAX_SECTION_CHARS = 3_000
+MAX_BLOCKS = 50
+
+#: A native stream stops accepting appends about 5 minutes after chat.startStream.
+STREAM_LIFETIME_SECONDS = 300.0
+
+#: Extra calls each bucket holds beyond the bot's own burst: see the module docstring.
+NETWORK_SLACK_CALLS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One method's limit: ``per_minute`` sustained, ``burst`` at once, per workspace or channel."""
+
+    per_minute: float
+    burst: int
+    per_channel: bool = False
+
+
+#: Slack's limits per method (the bot's ``RateScope`` bursts plus ``NETWORK_SLACK_CALLS``).
+METHOD_LIMITS: dict[str, Limit] = {
+    "chat.postMessage": Limit(POST_MESSAGE_PER_CHANNEL_PER_MINUTE, 1 + NETWORK_SLACK_CALLS, True),
+    "chat.update": Limit(TIER_3_PER_MINUTE, 3 + NETWORK_SLACK_CALLS),
+    "chat.startStream": Limit(TIER_2_PER_MINUTE, 3 + NETWORK_SLACK_CALLS),
+    "chat.appendStream": Limit(TIER_4_PER_MINUTE, 5 + NETWORK_SLACK_CALLS),
+    "chat.stopStream": Limit(TIER_2_PER_MINUTE, 3 + NETWORK_SLACK_CALLS),
+    "chat.postEphemeral": Limit(TIER_4_PER_MINUTE, 5 + NETWORK_SLACK_CALLS),
+    "conversations.replies": Limit(TIER_3_PER_MINUTE, 3 + NETWORK_SLACK_CALLS),
+    "reactions.add": Limit(TIER_3_PER_MINUTE, 3 + NETWORK_SLACK_CALLS),
+    "users.info": Limit(TIER_4_PER_MINUTE, 5 + NETWORK_SLACK_CALLS),
+    "auth.test": Limit(TIER_4_PER_MINUTE, 5 + NETWORK_SLACK_CALLS),
+}
+
+
+class TokenBucket:
+    """A token bucket on an injected clock; ``take`` answers 0 or the seconds until a token."""
+
+    def __init__(self, per_second: float, burst: int, now: Callable[[], float]) -> None:
+        self.per_second = per_second
+        self.burst = burst
+        self._now = now
+        self._tokens = float(burst)
+        self._at = now()
+
+    def take(self) -> float:
+        now = self._now()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.per_second)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return 0.0
+        return (1 - self._tokens) / self.per_second
+
+
+@dataclass(frozen=True, slots=True)
+class Team:
+    """A workspace the fake knows, and its bot."""
+
+    team_id: str
+    token: str
+    bot_user_id: str
+    bot_id: str
+    name: str = "Test Workspace"
+
+
+@dataclass
+class Message:
+    """One message in the fake workspace, with each visible state it went through."""
+
+    team_id: str
+    channel: str
+    ts: str
+    user: str
+    text: str
+    thread_ts: str | None = None
+    bot_id: str | None = None
+    blocks: list[dict[str, Any]] | None = None
+    streaming: bool = False
+    stream_started: float = 0.0
+    recipient: tuple[str, str] | None = None
+    states: list[str] = field(default_factory=list)
+
+    def visible(self) -> str:
+        """What Slack shows: the markdown blocks' text, else ``text``."""
+        if self.blocks:
+            return "".join(
+                str(b.get("text", "")) for b in self.blocks if b.get("type") == "markdown"
+            ) or "".join(
+                str(b.get("text", {}).get("text", ""))
+                for b in self.blocks
+                if b.get("type") == "section"
+            )
+        return self.text
+
+    def as_api(self) -> dict[str, Any]:
+        """The message as conversations.replies returns it."""
+        data: dict[str, Any] = {"type": "message", "ts": self.ts, "user": self.user}
+        data["text"] = self.visible()
+        if self.thread_ts:
+            data["thread_ts"] = self.thread_ts
+        if self.bot_id:
+            data["bot_id"] = self.bot_id
+        if self.blocks:
+            data["blocks"] = self.blocks
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One request the fake received (after authentication), with its merged arguments."""
+
+    method: str
+    args: dict[str, Any]
+    status: int
+    error: str | None
+    at: float
+
+
+class SlackError(Exception):
+    """Answer ``{"ok": false, "error": code}`` with HTTP ``status``."""
+
+    def __init__(self, code: str, status: int = 200) -> None:
+        super().__init__(code)
+        self.code = code
+        self.status = status
+
+
+class FakeSlack:
+    """The fake Slack Web API. ``async with FakeSlack() as slack:`` serves it on 127.0.0.1."""
+
+    def __init__(
+        self,
+        *,
+        teams: tuple[Team, ...] = (Team("T0001", "xoxb-test-token", "UBOT", "BBOT"),),
+        rate_scale: float = 1.0,
+        limits: dict[str, Limit] | None = None,
+        now: Callable[[], float] = time.monotonic,
+        stream_lifetime: float = STREAM_LIFETIME_SECONDS,
+    ) -> None:
+        self.teams = {t.token: t for t in teams}
+        self.rate_scale = rate_scale
+        self.limits = dict(METHOD_LIMITS if limits is None else limits)
+        self.stream_lifetime = stream_lifetime
+        self._now = now
+        self._buckets: dict[tuple[str, ...], TokenBucket] = {}
+        self._ts = itertools.count(1)
+        self.messages: dict[tuple[str, str], Message] = {}
+        self.calls: list[Call] = []
+        self.counts: Counter[str] = Counter()
+        self.ratelimited: Counter[str] = Counter()
+        self.ephemeral: list[dict[str, Any]] = []
+        self.responded: list[dict[str, Any]] = []
+        self.reactions: list[dict[str, Any]] = []
+        #: One-shot answers to inject: method -> queue of (error code, HTTP status).
+        self.responses: dict[str, deque[tuple[str, int]]] = {}
+        #: When set, chat.startStream answers this error (a workspace without native streaming).
+        self.native_streaming_error: str | None = None
+        #: Seconds each answer is held back (a slow Slack); 0 answers at once.
+        self.latency = 0.0
+        self.users: dict[str, dict[str, Any]] = {}
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The Web API base URL, as SLACK_API_URL takes it."""
+        return f"http://127.0.0.1:{self.port}/api/"
+
+    def response_url(self, name: str = "1") -> str:
+        """A slash command's response_url served by this fake."""
+        return f"http://127.0.0.1:{self.port}/respond/{name}"
+
+    async def start(self) -> FakeSlack:
+        app = web.Application(client_max_size=4 * 1024 * 1024)
+        app.router.add_route("*", "/api/{method}", self._handle)
+        app.router.add_post("/respond/{name}", self._respond)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets
+        self.port = server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> FakeSlack:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- test set-up and inspection -----------------------------------------------------------
+
+    @property
+    def team(self) -> Team:
+        """The first (usually only) workspace."""
+        return next(iter(self.teams.values()))
+
+    def next_ts(self) -> str:
+        """A fresh, increasing message timestamp."""
+        return f"1700000000.{next(self._ts):06d}"
+
+    def add_message(
+        self,
+        channel: str,
+        text: str,
+        *,
+        user: str = "U_ALICE",
+        thread_ts: str | None = None,
+        bot_id: str | None = None,
+        team_id: str | None = None,
+    ) -> Message:
+        """A message a person (or another bot) posted, as conversations.replies will list it."""
+        ts = self.next_ts()
+        message = Message(team_id or self.team.team_id, channel, ts, user, text, thread_ts, bot_id)
+        message.states.append(text)
+        self.messages[(channel, ts)] = message
+        return message
+
+    def fail_next(self, method: str, error: str, status: int = 200, times: int = 1) -> None:
+        """Make the next ``times`` calls of ``method`` answer ``error`` (HTTP ``status``)."""
+        self.responses.setdefault(method, deque()).extend([(error, status)] * times)
+
+    def message(self, channel: str, ts: str) -> Message:
+        return self.messages[(channel, ts)]
+
+    def bot_messages(
+        self, channel: str | None = None, thread_ts: str | None = None
+    ) -> list[Message]:
+        """Messages the bot posted, oldest first, optionally in one channel/thread."""
+        bots = {t.bot_user_id for t in self.teams.values()}
+        return [
+            m
+            for m in self.messages.values()
+            if m.user in bots
+            and (channel is None or m.channel == channel)
+            and (thread_ts is None or m.thread_ts == thread_ts)
+        ]
+
+    def thread_text(self, channel: str, thread_ts: str) -> str:
+        """The bot's visible text in one thread, its messages joined in order."""
+        return "".join(m.visible() for m in self.bot_messages(channel, thread_ts))
+
+    def calls_to(self, method: str) -> list[Call]:
+        return [c for c in self.calls if c.method == method]
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    async def _respond(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        payload = json.loads(body) if body else {}
+        payload["_name"] = request.match_info["name"]
+        self.responded.append(payload)
+        return web.json_response({"ok": True})
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        method = request.match_info["method"]
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        args = await _arguments(request)
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        token = token or str(args.pop("token", ""))
+        team = self.teams.get(token)
+        if team is None:
+            return web.json_response(
+                {"ok": False, "error": "not_authed" if not token else "invalid_auth"}
+            )
+        now = self._now()
+        self.counts[method] += 1
+        wait = self._rate_check(team, method, args)
+        if wait:
+            self.ratelimited[method] += 1
+            self.calls.append(Call(method, args, 429, "ratelimited", now))
+            return web.json_response(
+                {"ok": False, "error": "ratelimited"},
+                status=429,
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+        try:
+            injected = self.responses.get(method)
+            if injected:
+                code, status = injected.popleft()
+                raise SlackError(code, status)
+            handler = getattr(self, "_m_" + method.replace(".", "_"), None)
+            if handler is None:
+                raise SlackError("unknown_method", 404)
+            result: dict[str, Any] = handler(team, args)
+        except SlackError as error:
+            self.calls.append(Call(method, args, error.status, error.code, now))
+            return web.json_response({"ok": False, "error": error.code}, status=error.status)
+        self.calls.append(Call(method, args, 200, None, now))
+        return web.json_response({"ok": True, **result})
+
+    def _rate_check(self, team: Team, method: str, args: dict[str, Any]) -> float:
+        limit = self.limits.get(method)
+        if limit is None:
+            return 0.0
+        key: tuple[str, ...] = (team.team_id, method)
+        if limit.per_channel:
+            key += (str(args.get("channel", "")),)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            rate = limit.per_minute / 60.0 * self.rate_scale
+            bucket = self._buckets[key] = TokenBucket(rate, limit.burst, self._now)
+        return bucket.take()
+
+    # -- methods -----------------------------------------------------------------------------
+
+    def _m_auth_test(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "url": f"https://{team.team_id.lower()}.slack.com/",
+            "team": team.name,
+            "user": "threadbot",
+            "team_id": team.team_id,
+            "user_id": team.bot_user_id,
+            "bot_id": team.bot_id,
+            "is_enterprise_install": False,
+        }
+
+    def _m_users_info(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        user = str(_required(args, "user"))
+        return {"user": self.users.get(user, {"id": user, "name": user, "team_id": team.team_id})}
+
+    def _m_chat_postMessage(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        channel = str(_required(args, "channel"))
+        text, blocks = _content(args)
+        thread_ts = args.get("thread_ts") or None
+        message = Message(
+            team.team_id,
+            channel,
+            self.next_ts(),
+            team.bot_user_id,
+            text,
+            str(thread_ts) if thread_ts else None,
+            team.bot_id,
+            blocks,
+        )
+        message.states.append(message.visible())
+        self.messages[(channel, message.ts)] = message
+        return {"channel": channel, "ts": message.ts, "message": message.as_api()}
+
+    def _m_chat_update(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        message = self._own_message(team, args)
+        text, blocks = _content(args)
+        message.text, message.blocks = text, blocks
+        message.states.append(message.visible())
+        return {"channel": message.channel, "ts": message.ts, "text": text}
+
+    def _m_chat_postEphemeral(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        _required(args, "channel")
+        _required(args, "user")
+        _content(args)
+        self.ephemeral.append(args)
+        return {"message_ts": self.next_ts()}
+
+    def _m_chat_startStream(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        if self.native_streaming_error:
+            raise SlackError(self.native_streaming_error)
+        channel = str(_required(args, "channel"))
+        thread_ts = str(_required(args, "thread_ts"))
+        # Bot tokens must name who the stream is for, DMs included.
+        if not args.get("recipient_team_id"):
+            raise SlackError("missing_recipient_team_id")
+        if not args.get("recipient_user_id"):
+            raise SlackError("missing_recipient_user_id")
+        text = _markdown_chunk(args)
+        message = Message(
+            team.team_id,
+            channel,
+            self.next_ts(),
+            team.bot_user_id,
+            text,
+            thread_ts,
+            team.bot_id,
+            streaming=True,
+            stream_started=self._now(),
+            recipient=(str(args["recipient_team_id"]), str(args["recipient_user_id"])),
+        )
+        message.states.append(text)
+        self.messages[(channel, message.ts)] = message
+        return {"channel": channel, "ts": message.ts}
+
+    def _m_chat_appendStream(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        message = self._live_stream(team, args)
+        chunk = _markdown_chunk(args)
+        if not chunk:
+            raise SlackError("invalid_arguments")
+        message.text += chunk
+        message.states.append(message.text)
+        return {"channel": message.channel, "ts": message.ts}
+
+    def _m_chat_stopStream(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        message = self._live_stream(team, args)
+        chunk = _markdown_chunk(args)
+        if chunk:
+            message.text += chunk
+            message.states.append(message.text)
+        message.streaming = False
+        return {"channel": message.channel, "ts": message.ts, "message": message.as_api()}
+
+    def _m_conversations_replies(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        channel = str(_required(args, "channel"))
+        ts = str(_required(args, "ts"))
+        if (channel, ts) not in self.messages:
+            raise SlackError("thread_not_found")
+        limit = int(args.get("limit") or 1000)
+        thread = [
+            m
+            for m in self.messages.values()
+            if m.channel == channel and (m.ts == ts or m.thread_ts == ts)
+        ]
+        thread.sort(key=lambda m: m.ts)
+        cursor = int(args.get("cursor") or 0)
+        page = thread[cursor : cursor + limit]
+        more = cursor + limit < len(thread)
+        return {
+            "messages": [m.as_api() for m in page],
+            "has_more": more,
+            "response_metadata": {"next_cursor": str(cursor + limit) if more else ""},
+        }
+
+    def _m_reactions_add(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        self.reactions.append(
+            {
+                "channel": _required(args, "channel"),
+                "timestamp": _required(args, "timestamp"),
+                "name": _required(args, "name"),
+            }
+        )
+        return {}
+
+    def _own_message(self, team: Team, args: dict[str, Any]) -> Message:
+        key = (str(_required(args, "channel")), str(_required(args, "ts")))
+        message = self.messages.get(key)
+        if message is None:
+            raise SlackError("message_not_found")
+        if message.user != team.bot_user_id:
+            raise SlackError("cant_update_message")
+        return message
+
+    def _live_stream(self, team: Team, args: dict[str, Any]) -> Message:
+        message = self._own_message(team, args)
+        if not message.streaming:
+            raise SlackError("message_not_in_streaming_state")
+        if self._now() - message.stream_started > self.stream_lifetime:
+            message.streaming = False
+            raise SlackError("message_not_in_streaming_state")
+        return message
+
+
+async def _arguments(request: web.Request) -> dict[str, Any]:
+    """Query string, form body and JSON body merged, as Slack reads them."""
+    args: dict[str, Any] = dict(request.query)
+    if request.method == "POST" and request.can_read_body:
+        if request.content_type == "application/json":
+            body = await request.json()
+            if isinstance(body, dict):
+                args.update(body)
+        else:
+            args.update(dict(await request.post()))
+    for name in ("blocks", "chunks"):
+        if isinstance(args.get(name), str):
+            try:
+                args[name] = json.loads(args[name])
+            except json.JSONDecodeError:
+                # Raised by _content, where Slack would answer it.
+                args[name] = SlackError("invalid_blocks_format")
+    return args
+
+
+def _required(args: dict[str, Any], name: str) -> Any:
+    value = args.get(name)
+    if value in (None, ""):
+        raise SlackError("channel_not_found" if name == "channel" else "invalid_arguments")
+    return value
+
+
+def _content(args: dict[str, Any]) -> tuple[str, list[dict[str, Any]] | None]:
+    """Validate text / blocks / markdown_text the way Slack does; return (text, blocks)."""
+    text = str(args.get("text") or "")
+    blocks = args.get("blocks")
+    markdown_text = args.get("markdown_text")
+    if isinstance(blocks, SlackError):
+        raise blocks
+    if markdown_text is not None and (text or blocks):
+        raise SlackError("markdown_text_conflict")
+    if markdown_text is not None:
+        if len(str(markdown_text)) > MAX_MARKDOWN_CHARS:
+            raise SlackError("msg_too_long")
+        return "", [{"type": "markdown", "text": str(markdown_text)}]
+    if blocks:
+        if not isinstance(blocks, list) or len(blocks) > MAX_BLOCKS:
+            raise SlackError("invalid_blocks")
+        markdown_total = 0
+        for block in blocks:
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "markdown":
+                markdown_total += len(str(block.get("text", "")))
+            elif kind == "section":
+                if len(str(block.get("text", {}).get("text", ""))) > MAX_SECTION_CHARS:
+                    raise SlackError("invalid_blocks")
+            elif kind is None:
+                raise SlackError("invalid_blocks")
+        if markdown_total > MAX_MARKDOWN_CHARS:
+            raise SlackError("msg_blocks_too_long")
+        if len(text) > MAX_TEXT_CHARS:
+            raise SlackError("msg_too_long")
+        return text, list(blocks)
+    if not text:
+        raise SlackError("no_text")
+    if len(text) > MAX_TEXT_CHARS:
+        raise SlackError("msg_too_long")
+    return text, None
+
+
+def _markdown_chunk(args: dict[str, Any]) -> str:
+    chunk = str(args.get("markdown_text") or "")
+    if len(chunk) > MAX_MARKDOWN_CHARS:
+        raise SlackError("msg_too_long")
+    return chunk
