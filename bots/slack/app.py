@@ -426,7 +426,11 @@ class SlackBot:
         else:
             target = ChannelTarget(PLATFORM, team, channel)
         work = self._spawn(self._command_answer(parsed, target), name=f"slack command {channel}")
-        done, _ = await asyncio.wait({work}, timeout=self.command_ack_budget)
+        # A budget of 0 always answers through the response_url.
+        done = False
+        if self.command_ack_budget > 0:
+            await asyncio.wait({work}, timeout=self.command_ack_budget)
+            done = work.done()
         if done:
             await ack(response_type="ephemeral", text=work.result())
             return

@@ -38,6 +38,8 @@ TIER_2_PER_MINUTE = 20.0
 TIER_3_PER_MINUTE = 50.0
 TIER_4_PER_MINUTE = 100.0
 POST_MESSAGE_PER_CHANNEL_PER_MINUTE = 60.0
+#: chat.postMessage across a workspace: "several hundred per minute"; the bot assumes 300.
+POST_MESSAGE_PER_WORKSPACE_PER_MINUTE = 300.0
 
 #: Text limits (docs.slack.dev chat.postMessage and Block Kit reference): ``text`` answers
 #: msg_too_long beyond about 4,000 characters in practice, ``markdown_text`` and the markdown
@@ -77,10 +79,14 @@ METHOD_LIMITS: dict[str, Limit] = {
     "users.info": Limit(TIER_4_PER_MINUTE, 5 + NETWORK_SLACK_CALLS),
     "auth.test": Limit(TIER_4_PER_MINUTE, 5 + NETWORK_SLACK_CALLS),
 }
+#: Limits applied across the workspace on top of a per-channel limit of the same method.
+WORKSPACE_LIMITS: dict[str, Limit] = {
+    "chat.postMessage": Limit(POST_MESSAGE_PER_WORKSPACE_PER_MINUTE, 1 + NETWORK_SLACK_CALLS),
+}
 
 
 class TokenBucket:
-    """A token bucket on an injected clock; ``take`` answers 0 or the seconds until a token."""
+    """A token bucket on an injected clock."""
 
     def __init__(self, per_second: float, burst: int, now: Callable[[], float]) -> None:
         self.per_second = per_second
@@ -89,14 +95,16 @@ class TokenBucket:
         self._tokens = float(burst)
         self._at = now()
 
-    def take(self) -> float:
+    def wait(self) -> float:
+        """Seconds until a token is available (0: one is)."""
         now = self._now()
         self._tokens = min(self.burst, self._tokens + (now - self._at) * self.per_second)
         self._at = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return 0.0
-        return (1 - self._tokens) / self.per_second
+        return 0.0 if self._tokens >= 1 else (1 - self._tokens) / self.per_second
+
+    def take(self) -> None:
+        """Spend a token (after ``wait`` answered 0)."""
+        self._tokens -= 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +134,13 @@ class Message:
     stream_started: float = 0.0
     recipient: tuple[str, str] | None = None
     states: list[str] = field(default_factory=list)
+    #: When each state appeared (the fake's clock), parallel to ``states``.
+    times: list[float] = field(default_factory=list)
+
+    def show(self, at: float) -> None:
+        """Record the current visible text as a new state."""
+        self.states.append(self.visible())
+        self.times.append(at)
 
     def visible(self) -> str:
         """What Slack shows: the markdown blocks' text, else ``text``."""
@@ -187,6 +202,7 @@ class FakeSlack:
         self.teams = {t.token: t for t in teams}
         self.rate_scale = rate_scale
         self.limits = dict(METHOD_LIMITS if limits is None else limits)
+        self.workspace_limits = dict(WORKSPACE_LIMITS if limits is None else {})
         self.stream_lifetime = stream_lifetime
         self._now = now
         self._buckets: dict[tuple[str, ...], TokenBucket] = {}
@@ -267,7 +283,7 @@ class FakeSlack:
         """A message a person (or another bot) posted, as conversations.replies will list it."""
         ts = self.next_ts()
         message = Message(team_id or self.team.team_id, channel, ts, user, text, thread_ts, bot_id)
-        message.states.append(text)
+        message.show(self._now())
         self.messages[(channel, ts)] = message
         return message
 
@@ -346,17 +362,31 @@ class FakeSlack:
         return web.json_response({"ok": True, **result})
 
     def _rate_check(self, team: Team, method: str, args: dict[str, Any]) -> float:
+        """0 when the call may go, else the seconds until it could (a token is spent if 0)."""
+        keys: list[tuple[tuple[str, ...], Limit]] = []
         limit = self.limits.get(method)
-        if limit is None:
-            return 0.0
-        key: tuple[str, ...] = (team.team_id, method)
-        if limit.per_channel:
-            key += (str(args.get("channel", "")),)
+        if limit is not None:
+            key: tuple[str, ...] = (team.team_id, method)
+            if limit.per_channel:
+                key += (str(args.get("channel", "")),)
+            keys.append((key, limit))
+        workspace = self.workspace_limits.get(method)
+        if workspace is not None:
+            keys.append(((team.team_id, method, "*"), workspace))
+        buckets = [self._bucket(key, limit) for key, limit in keys]
+        waits = [bucket.wait() for bucket in buckets]
+        if any(waits):
+            return max(waits)
+        for bucket in buckets:
+            bucket.take()
+        return 0.0
+
+    def _bucket(self, key: tuple[str, ...], limit: Limit) -> TokenBucket:
         bucket = self._buckets.get(key)
         if bucket is None:
             rate = limit.per_minute / 60.0 * self.rate_scale
             bucket = self._buckets[key] = TokenBucket(rate, limit.burst, self._now)
-        return bucket.take()
+        return bucket
 
     # -- methods -----------------------------------------------------------------------------
 
@@ -389,7 +419,7 @@ class FakeSlack:
             team.bot_id,
             blocks,
         )
-        message.states.append(message.visible())
+        message.show(self._now())
         self.messages[(channel, message.ts)] = message
         return {"channel": channel, "ts": message.ts, "message": message.as_api()}
 
@@ -397,7 +427,7 @@ class FakeSlack:
         message = self._own_message(team, args)
         text, blocks = _content(args)
         message.text, message.blocks = text, blocks
-        message.states.append(message.visible())
+        message.show(self._now())
         return {"channel": message.channel, "ts": message.ts, "text": text}
 
     def _m_chat_postEphemeral(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
@@ -430,7 +460,7 @@ class FakeSlack:
             stream_started=self._now(),
             recipient=(str(args["recipient_team_id"]), str(args["recipient_user_id"])),
         )
-        message.states.append(text)
+        message.show(self._now())
         self.messages[(channel, message.ts)] = message
         return {"channel": channel, "ts": message.ts}
 
@@ -440,7 +470,7 @@ class FakeSlack:
         if not chunk:
             raise SlackError("invalid_arguments")
         message.text += chunk
-        message.states.append(message.text)
+        message.show(self._now())
         return {"channel": message.channel, "ts": message.ts}
 
     def _m_chat_stopStream(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
@@ -448,7 +478,7 @@ class FakeSlack:
         chunk = _markdown_chunk(args)
         if chunk:
             message.text += chunk
-            message.states.append(message.text)
+            message.show(self._now())
         message.streaming = False
         return {"channel": message.channel, "ts": message.ts, "message": message.as_api()}
 
