@@ -281,8 +281,10 @@ class ThreadbotClient(discord.Client):
             await interaction.response.send_message(MANAGE_CHANNELS_NEEDED, ephemeral=True)
             return
         work = asyncio.ensure_future(self.engine.run_command(command, target))
-        done, _ = await asyncio.wait({work}, timeout=self.defer_after)
-        deferred = work not in done
+        deferred = True  # defer_after <= 0: always defer
+        if self.defer_after > 0:
+            done, _ = await asyncio.wait({work}, timeout=self.defer_after)
+            deferred = work not in done
         if deferred:
             # Not answered within the interaction's 3 s: say "thinking" now, edit later.
             await interaction.response.defer(ephemeral=True, thinking=True)
