@@ -32,10 +32,12 @@ import aiohttp
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.app.async_app import AsyncApp
+from slack_bolt.authorization import AuthorizeResult
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
+from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
 from bots.slack.formatting import mentions, strip_mention, to_plain
 from bots.slack.surface import ReplyTarget, SlackReply, message_id, translate
@@ -153,9 +155,20 @@ class SlackBot:
         self._recent: OrderedDict[str, None] = OrderedDict()
         # Workspaces that answered chat.startStream with "not allowed" (SLACK_STREAMING=auto).
         self._native_refused: set[str] = set()
+        self._identity: AsyncSlackResponse | None = None
+        self._identity_lock = asyncio.Lock()
+
+        # A plain function: Bolt injects arguments by parameter name and trips over ``self``.
+        async def authorize(enterprise_id: str | None, team_id: str | None) -> AuthorizeResult:
+            return await self._authorize(enterprise_id, team_id)
+
         self.app = AsyncApp(
             name="threadbot",
-            client=self.client,
+            # Bolt's per-request clients copy this one; the token comes from ``_authorize``.
+            client=AsyncWebClient(
+                base_url=self.client.base_url, timeout=self.client.timeout, retry_handlers=[]
+            ),
+            authorize=authorize,
             # Passed even when empty so Bolt never reads the environment itself.
             signing_secret=settings.slack_signing_secret or "",
             request_verification_enabled=not self.socket_mode,
@@ -170,8 +183,10 @@ class SlackBot:
 
     async def start(self) -> None:
         """Check the token (auth.test) and learn who the bot is; then the bot is ready."""
+        # Bolt's clients share the Web API connection pool (set on self.client by the caller).
+        self.app.client.session = self.client.session
         try:
-            identity = await self.client.auth_test()
+            identity = await self.identity()
         except SlackApiError as error:
             raise ConfigError(
                 f"Slack refused SLACK_BOT_TOKEN ({error.response.get('error')}); copy the Bot "
@@ -187,6 +202,29 @@ class SlackBot:
             self.team_id,
             "Socket" if self.socket_mode else "HTTP",
             self.settings.slack_streaming,
+        )
+
+    async def identity(self) -> AsyncSlackResponse:
+        """The bot token's auth.test answer, asked once per process (single flight).
+
+        Bolt's built-in single-workspace authorization would call auth.test for every request
+        until its first answer is cached, so a burst of events just after start would be a
+        burst of auth.test calls (and 429s); a token's identity does not change while we run.
+        """
+        async with self._identity_lock:
+            if self._identity is None:
+                self._identity = await self.client.auth_test()
+            return self._identity
+
+    async def _authorize(self, enterprise_id: str | None, team_id: str | None) -> AuthorizeResult:
+        """Bolt's authorization of a request: our token and identity, without a network call."""
+        identity = await self.identity()
+        return AuthorizeResult(
+            enterprise_id=enterprise_id,
+            team_id=team_id or str(identity.get("team_id") or ""),
+            bot_user_id=str(identity.get("user_id") or ""),
+            bot_id=str(identity.get("bot_id") or ""),
+            bot_token=self.client.token,
         )
 
     async def close(self, note: str = SHUTDOWN_NOTE) -> None:

@@ -25,8 +25,8 @@ MAX_MARKDOWN_CHARS = 12_000
 #: 4,000 characters of ``text`` (docs.slack.dev chat.postMessage, "Truncating content").
 FALLBACK_CHARS = 300
 
-_MENTION = re.compile(r"<@([A-Z0-9]+)(?:\|([^>]*))?>")
-_CHANNEL = re.compile(r"<#([A-Z0-9]+)(?:\|([^>]*))?>")
+_MENTION = re.compile(r"<@(\w+)(?:\|([^>]*))?>")
+_CHANNEL = re.compile(r"<#(\w+)(?:\|([^>]*))?>")
 _SPECIAL = re.compile(r"<!([a-z]+)(?:\^[^|>]*)?(?:\|([^>]*))?>")
 _LINK = re.compile(r"<((?:https?|mailto|tel):[^|>]+)(?:\|([^>]*))?>")
 _MD_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
@@ -71,7 +71,8 @@ def to_plain(text: str) -> str:
 
     def link(m: re.Match[str]) -> str:
         url, label = m.group(1), m.group(2)
-        return url.removeprefix("mailto:") if not label or label == url else f"{label} ({url})"
+        bare = url.removeprefix("mailto:").removeprefix("tel:")
+        return bare if not label or label in (url, bare) else f"{label} ({url})"
 
     text = _LINK.sub(link, text)
     text = _MENTION.sub(lambda m: "@" + (m.group(2) or m.group(1)), text)
