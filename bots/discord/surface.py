@@ -37,7 +37,13 @@ BOT_REQUESTS_PER_SECOND = 50
 DEFAULT_RETRY_AFTER = 1.0
 
 BOT_SCOPE_KEY = "discord:bot"
-BOT_SCOPE = RateScope(BOT_SCOPE_KEY, BOT_REQUESTS_PER_SECOND, BOT_REQUESTS_PER_SECOND)
+#: Replies pace themselves below the bot-wide cap, with a small burst, leaving headroom for the
+#: calls that do not go through the budgets (thread starts, typing, interaction answers).
+BOT_REPLY_SHARE = 0.8
+BOT_REPLY_BURST = 10
+BOT_SCOPE = RateScope(
+    BOT_SCOPE_KEY, BOT_REQUESTS_PER_SECOND * BOT_REPLY_SHARE, burst=BOT_REPLY_BURST
+)
 
 Call = Literal["post", "edit"]
 
