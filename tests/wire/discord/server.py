@@ -78,6 +78,8 @@ class FakeMessage:
     states: list[str]
     reference: int | None = None
     payloads: list[Json] = field(default_factory=list)
+    #: When each state arrived (the fake's clock), parallel to ``states``.
+    times: list[float] = field(default_factory=list)
 
     @property
     def content(self) -> str:
@@ -470,6 +472,7 @@ class FakeDiscord:
             self.requests["PATCH message"] += 1
             if "content" in body:
                 msg.states.append(body["content"] or "")
+                msg.times.append(self.clock())
             msg.payloads.append(body)
             return self._ok(self._message_json(msg), f"edit:{cid}")
         if len(rest) == 3 and rest[0] == "messages" and rest[2] == "threads" and method == "POST":
@@ -568,6 +571,7 @@ class FakeDiscord:
         ref = (body.get("message_reference") or {}).get("message_id")
         msg = FakeMessage(self.snowflake(), cid, author, [content], int(ref) if ref else None)
         msg.payloads.append(body)
+        msg.times.append(self.clock())
         self.messages[msg.id] = msg
         return msg
 
