@@ -76,6 +76,9 @@ RECENT_MESSAGE_IDS = 10_000
 #: new non-Marketplace apps get 15, docs.slack.dev changelog 2025-05). The history policy caps
 #: what is sent to the model anyway.
 THREAD_CONTEXT_LIMIT = 200
+#: Native streams at once per workspace in SLACK_STREAMING=auto: each costs a chat.startStream and
+#: a chat.stopStream, Tier 2 (~20 a minute, with a burst of a few); more replies use the edit path.
+NATIVE_STREAMS_PER_WORKSPACE = 3
 #: Largest request body accepted on the events endpoint (a 100 KB message escaped as JSON fits).
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 #: What a reply still streaming shows when the bot shuts down.
@@ -155,6 +158,8 @@ class SlackBot:
         self._recent: OrderedDict[str, None] = OrderedDict()
         # Workspaces that answered chat.startStream with "not allowed" (SLACK_STREAMING=auto).
         self._native_refused: set[str] = set()
+        # Replies streaming natively right now, per workspace (SLACK_STREAMING=auto).
+        self._native_in_flight: dict[str, int] = {}
         self._identity: AsyncSlackResponse | None = None
         self._identity_lock = asyncio.Lock()
 
@@ -338,13 +343,21 @@ class SlackBot:
                 thread_context=context,
                 allow_commands=incoming.allow_commands,
             )
+        team = turn.target.team
+        native = self._native_for(turn.target)
         streamer = ReplyStreamer(
             self.reply_surface(turn.target),
             self.budgets,
-            native=self._native_for(turn.target),
+            native=native,
             log_context=str(incoming.key),
         )
-        result = await self.engine.handle(incoming, streamer)
+        if native:
+            self._native_in_flight[team] = self._native_in_flight.get(team, 0) + 1
+        try:
+            result = await self.engine.handle(incoming, streamer)
+        finally:
+            if native:
+                self._native_in_flight[team] -= 1
         log.info("%s: %s (%s)", incoming.message_id, result.status, incoming.key)
 
     async def _route(self, event: dict[str, Any], team: str) -> Turn | None:
@@ -422,9 +435,10 @@ class SlackBot:
         """Whether this reply should try Slack's native streaming.
 
         ``update`` never; ``native`` wherever a thread is (Slack streams only as a reply); ``auto``
-        like native, except in workspaces that refused it, and while starting a stream would
-        have to queue: chat.startStream and chat.stopStream are Tier 2 (~20 a minute per
-        workspace), so under load new replies take the edit path (Tier 3) instead of waiting.
+        like native, except in workspaces that refused it and under load: chat.startStream and
+        chat.stopStream are Tier 2 (~20 a minute per workspace, two calls per reply), so beyond
+        ``NATIVE_STREAMS_PER_WORKSPACE`` streams at once, or while a start or stop would have to
+        queue, new replies take the edit path (Tier 3) instead of waiting for a stream.
         """
         mode = self.settings.slack_streaming
         if mode == "update" or not target.thread_ts:
@@ -432,6 +446,8 @@ class SlackBot:
         if mode == "native":
             return True
         if target.team in self._native_refused:
+            return False
+        if self._native_in_flight.get(target.team, 0) >= NATIVE_STREAMS_PER_WORKSPACE:
             return False
         surface = self.reply_surface(target)
         return all(
