@@ -24,6 +24,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from core.reply import RateScope
 
 Clock = Callable[[], float]
+# Float slack: a refill computed as 0.9999999999 tokens is a token (else a 1e-17 s sleep loops).
+_EPSILON = 1e-9
 Sleeper = Callable[[float], Awaitable[None]]
 
 
@@ -62,10 +64,10 @@ class Budget:
         self._refill()
         now = self._now()
         wait = self._paused_until - now
-        if self._tokens < 1:
+        if self._tokens < 1 - _EPSILON:
             # While paused, _stamp sits at the pause's end, so the refill starts from there.
             wait = max(wait, (self._stamp - now) + (1 - self._tokens) / self.per_second)
-        return max(0.0, wait)
+        return wait if wait > _EPSILON else 0.0
 
     async def acquire(self) -> None:
         """Wait for this caller's turn and for a token, then consume it."""
@@ -84,7 +86,7 @@ class Budget:
         except BaseException:
             self._leave(ticket)
             raise
-        self._tokens -= 1
+        self._tokens = max(0.0, self._tokens - 1)
         self.granted += 1
         self._leave(ticket)
 
@@ -103,7 +105,7 @@ class Budget:
         if until > self._paused_until:
             self._paused_until = until
         # The platform's window resets when the pause ends: one call then, the rate after it.
-        self._tokens = min(self._tokens, 1.0)
+        self._tokens = 1.0
         self._stamp = max(self._stamp, self._paused_until)
 
     def observe(

@@ -1,0 +1,396 @@
+"""ReplyStreamer on virtual time over a simulated platform (limits, latency, 429s, faults)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Iterable
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from core.ratelimit import Budgets
+from core.reply import RateScope
+from core.streaming import (
+    EMPTY_ANSWER_TEXT,
+    STREAMING_INDICATOR,
+    THINKING_TEXT,
+    ReplyStreamer,
+)
+from tests.fake_platform import FakeAppendSurface, FakeSurface, Platform, run_virtual
+
+LATENCY = 0.08
+
+
+def streamer_for(
+    surface: FakeSurface, budgets: Budgets | None = None, **kwargs: object
+) -> ReplyStreamer:
+    loop = asyncio.get_running_loop()
+    budgets = budgets or Budgets(now=loop.time)
+    return ReplyStreamer(surface, budgets, now=loop.time, **kwargs)  # type: ignore[arg-type]
+
+
+async def feed(streamer: ReplyStreamer, tokens: Iterable[str], gap: float = 0.025) -> None:
+    for token in tokens:
+        await asyncio.sleep(gap)
+        streamer.write(token)
+
+
+def words(count: int) -> list[str]:
+    return [f"w{n} " for n in range(count)]
+
+
+def test_indicator_first_then_exact_final_text_without_indicator() -> None:
+    async def main() -> tuple[list[str], list[tuple[float, str, str]], list[str]]:
+        platform = Platform(latency=LATENCY)
+        surface = FakeSurface(platform)
+        streamer = streamer_for(surface)
+        await streamer.begin()
+        await asyncio.sleep(2.0)  # the model is slow to start
+        await feed(streamer, words(40))
+        ids = await streamer.finish()
+        return ids, platform.log, surface.messages()
+
+    ids, log, shown = run_virtual(main())
+    assert log[0][2] == THINKING_TEXT and log[0][0] <= LATENCY
+    assert shown == ["".join(words(40))]
+    assert ids == ["0"]
+    assert any(text.endswith(STREAMING_INDICATOR) for _, _, text in log[1:-1])
+
+
+def test_tokens_coalesce_and_pacing_causes_no_429() -> None:
+    async def main() -> tuple[int, int, list[float]]:
+        platform = Platform(latency=LATENCY)
+        surface = FakeSurface(platform, edit_scopes=(RateScope("edit", 1.0, 1),))
+        streamer = streamer_for(surface)
+        await streamer.begin()
+        await feed(streamer, words(400))  # 10 s at 40 tokens/s
+        await streamer.finish()
+        edits = [t for t, _, _ in platform.log[1:]]
+        return platform.calls["edit"], platform.rate_limited, edits
+
+    edits, limited, times = run_virtual(main())
+    assert limited == 0
+    # 400 tokens, about one edit a second: the budget's rate, not one per token.
+    assert 9 <= edits <= 12
+    assert all(b - a >= 1.0 - 1e-9 for a, b in itertools.pairwise(times))
+
+
+def test_a_429_pauses_the_scope_then_the_latest_text_lands() -> None:
+    async def main() -> tuple[list[str], int, list[float]]:
+        platform = Platform(latency=LATENCY, faults=iter([None, "429"]))
+        surface = FakeSurface(platform, edit_scopes=(RateScope("edit", 5.0, 5),))
+        streamer = streamer_for(surface)
+        await streamer.begin()
+        await feed(streamer, words(30))
+        await streamer.finish()
+        return surface.messages(), platform.rate_limited, [t for t, _, _ in platform.log]
+
+    shown, limited, times = run_virtual(main())
+    assert shown == ["".join(words(30))]
+    assert limited == 1
+    # The 429 (answered at about 0.1 s, Retry-After 1 s) left a gap of at least a second.
+    assert times[1] - times[0] >= 1.0
+
+
+def test_transient_errors_are_retried_and_the_final_text_lands() -> None:
+    async def main() -> list[str]:
+        platform = Platform(latency=LATENCY, faults=iter([None, "500", "500", None, "500"]))
+        surface = FakeSurface(platform)
+        streamer = streamer_for(surface)
+        await streamer.begin()
+        await feed(streamer, words(20))
+        await streamer.finish()
+        assert streamer.delivered
+        return surface.messages()
+
+    assert run_virtual(main()) == ["".join(words(20))]
+
+
+def test_platform_down_is_logged_with_the_context_and_finish_returns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> tuple[list[str], str, bool]:
+        platform = Platform(latency=LATENCY, faults=iter([None] + ["500"] * 1000))
+        surface = FakeSurface(platform)
+        streamer = streamer_for(surface, log_context="slack:C1:1700000000.1")
+        await streamer.begin()
+        await feed(streamer, words(20))
+        ids = await streamer.finish()
+        return ids, streamer.text, streamer.delivered
+
+    with caplog.at_level(logging.ERROR, logger="core.streaming"):
+        ids, text, delivered = run_virtual(main())
+    assert ids == ["0"]
+    assert text == "".join(words(20))
+    assert not delivered
+    assert "slack:C1:1700000000.1" in caplog.text
+
+
+def test_long_text_splits_and_finished_messages_are_never_edited_again() -> None:
+    async def main() -> tuple[list[str], list[tuple[float, str, str]], list[str]]:
+        platform = Platform(latency=LATENCY)
+        surface = FakeSurface(platform, max_chars=100, edit_scopes=(RateScope("edit", 4.0, 2),))
+        streamer = streamer_for(surface)
+        await streamer.begin()
+        tokens = [f"sentence {n} goes here. " + ("\n\n" if n % 3 == 2 else "") for n in range(30)]
+        await feed(streamer, tokens)
+        ids = await streamer.finish()
+        return ids, platform.log, surface.messages()
+
+    ids, log, shown = run_virtual(main())
+    assert len(ids) > 3
+    assert all(len(text) <= 100 for text in shown)
+    assert "".join(shown) == "".join(
+        f"sentence {n} goes here. " + ("\n\n" if n % 3 == 2 else "") for n in range(30)
+    )
+    first_seen = {}
+    for index, (_, message_id, _) in enumerate(log):
+        first_seen.setdefault(message_id, index)
+    for earlier, later in itertools.pairwise(ids):
+        assert all(mid != earlier for _, mid, _ in log[first_seen[later] :])
+
+
+def test_retry_shows_the_notice_then_the_new_attempt_replaces_the_text() -> None:
+    async def main() -> tuple[list[str], list[str]]:
+        platform = Platform(latency=LATENCY)
+        surface = FakeSurface(platform)
+        streamer = streamer_for(surface)
+        await streamer.begin()
+        await feed(streamer, ["partial ", "answer "])
+        await asyncio.sleep(1.0)
+        await streamer.retrying("_Connection lost, retrying…_")
+        await asyncio.sleep(3.0)
+        await feed(streamer, ["fresh ", "answer"])
+        await streamer.finish()
+        return surface.messages(), [text for _, _, text in platform.log]
+
+    shown, history = run_virtual(main())
+    assert shown == ["fresh answer"]
+    assert "_Connection lost, retrying…_" in history
+
+
+def test_cancel_closes_an_open_code_block_and_shows_the_note() -> None:
+    async def main() -> list[str]:
+        platform = Platform(latency=LATENCY)
+        surface = FakeSurface(platform)
+        streamer = streamer_for(surface)
+        await streamer.begin()
+        await feed(streamer, ["Here:\n", "```py\n", "x = 1"])
+        await streamer.cancel("_(stopped: the conversation was reset)_")
+        return surface.messages()
+
+    assert run_virtual(main()) == [
+        "Here:\n```py\nx = 1\n```\n\n_(stopped: the conversation was reset)_"
+    ]
+
+
+def test_fail_after_nothing_shows_only_the_message_and_empty_answers_are_labelled() -> None:
+    async def main() -> tuple[list[str], list[str]]:
+        platform = Platform(latency=LATENCY)
+        failed = FakeSurface(platform)
+        streamer = streamer_for(failed)
+        await streamer.begin()
+        await streamer.fail("Sorry, the model is unavailable.")
+        empty = FakeSurface(platform)
+        other = streamer_for(empty)
+        await other.begin()
+        await other.finish()
+        return failed.messages(), empty.messages()
+
+    failed, empty = run_virtual(main())
+    assert failed == ["Sorry, the model is unavailable."]
+    assert empty == [EMPTY_ANSWER_TEXT]
+
+
+def test_concurrent_replies_in_one_scope_all_progress() -> None:
+    async def main() -> list[list[float]]:
+        platform = Platform(latency=LATENCY)
+        edit = RateScope("workspace:chat.update", 50 / 60, 1)
+        budgets = Budgets(now=asyncio.get_running_loop().time)
+        surfaces = [
+            FakeSurface(
+                platform, post_scopes=(RateScope(f"post:{n}", 1.0, 1),), edit_scopes=(edit,)
+            )
+            for n in range(10)
+        ]
+        streamers = [streamer_for(surface, budgets) for surface in surfaces]
+        for streamer in streamers:
+            await streamer.begin()
+
+        async def one(streamer: ReplyStreamer) -> None:
+            await feed(streamer, words(1200))  # 30 s each
+            await streamer.finish()
+
+        await asyncio.gather(*(one(streamer) for streamer in streamers))
+        assert platform.rate_limited == 0
+        return [[t for t, mid, _ in platform.log if mid in s.posted] for s in surfaces]
+
+    per_reply = run_virtual(main())
+    # Within the first 15 s (12 s is a full round at 50 edits a minute) every reply was edited.
+    assert all(len([t for t in times[1:] if t < 15.0]) >= 1 for times in per_reply)
+
+
+def test_native_stream_appends_and_stops_with_the_exact_text() -> None:
+    async def main() -> tuple[list[str], dict[str, int]]:
+        platform = Platform(latency=LATENCY)
+        surface = FakeAppendSurface(platform)
+        streamer = streamer_for(surface)
+        await streamer.begin()
+        await feed(streamer, words(60))
+        await streamer.finish()
+        return surface.messages(), platform.calls
+
+    shown, calls = run_virtual(main())
+    assert shown == ["".join(words(60))]
+    assert calls.get("start") == 1 and calls.get("stop") == 1 and calls.get("append", 0) >= 2
+    assert "edit" not in calls and "post" not in calls
+
+
+def test_native_refused_falls_back_to_edits() -> None:
+    async def main() -> tuple[list[str], dict[str, int]]:
+        platform = Platform(latency=LATENCY)
+        surface = FakeAppendSurface(platform, refuse="method_not_supported_for_channel_type")
+        streamer = streamer_for(surface)
+        await streamer.begin()
+        await feed(streamer, words(20))
+        await streamer.finish()
+        return surface.messages(), platform.calls
+
+    shown, calls = run_virtual(main())
+    assert shown == ["".join(words(20))]
+    assert calls.get("post") == 1 and "append" not in calls
+
+
+def test_native_stream_that_dies_or_must_change_is_finished_with_an_edit() -> None:
+    async def main() -> tuple[list[str], list[str], dict[str, int]]:
+        platform = Platform(latency=LATENCY)
+        dying = FakeAppendSurface(platform, lifetime=1.0)
+        streamer = streamer_for(dying, native_max_age=100.0)
+        await streamer.begin()
+        await feed(streamer, words(120))
+        await streamer.finish()
+        retried = FakeAppendSurface(platform)
+        other = streamer_for(retried)
+        await other.begin()
+        await feed(other, ["first ", "try "])
+        await asyncio.sleep(1.0)
+        await other.retrying("_retrying…_")
+        await feed(other, ["second ", "try"])
+        await other.finish()
+        return dying.messages(), retried.messages(), platform.calls
+
+    died, retried, calls = run_virtual(main())
+    assert died == ["".join(words(120))]
+    assert retried == ["second try"]
+    assert calls.get("edit", 0) >= 2
+
+
+# -- property: whatever happens on the way, the final messages are the text -------------------
+
+FENCE_OPEN = "```"
+
+
+def open_fence_line(text: str) -> str | None:
+    """The opening line of a ``` block open after the complete lines of ``text`` (test-local)."""
+    opening = None
+    for line in text.split("\n")[:-1]:
+        if line.startswith(FENCE_OPEN):
+            opening = line if opening is None else (None if line.strip() == FENCE_OPEN else opening)
+    return opening
+
+
+def reassemble(messages: list[str], text: str) -> str:
+    """Undo the splitter's close/reopen of code blocks, checking each against ``text``."""
+    out = ""
+    for index, message in enumerate(messages):
+        opening = open_fence_line(out)
+        if index and opening is not None:
+            assert message.startswith(opening + "\n"), (message, opening)
+            message = message[len(opening) + 1 :]
+        if index == len(messages) - 1:
+            out += message
+            break
+        options = [(message, False)]
+        if message.endswith("\n```"):
+            options.append((message[:-4], True))
+        if message.endswith("```"):
+            options.append((message[:-3], True))
+        for body, closed in options:
+            inside = open_fence_line(out + body + ("" if body.endswith("\n") else "\n"))
+            if text.startswith(out + body) and (inside is not None) == closed:
+                out += body
+                break
+        else:
+            raise AssertionError(f"message {index} is not a piece of the text: {message!r}")
+    return out
+
+
+def balanced(message: str) -> bool:
+    return open_fence_line(message + "\n") is None
+
+
+word = st.text(alphabet="abcdefgh", min_size=1, max_size=12) | st.text(
+    alphabet="xyz", min_size=30, max_size=90
+)
+line = st.lists(word, min_size=1, max_size=8).map(" ".join)
+paragraph = st.lists(line, min_size=1, max_size=4).map("\n".join)
+code = st.tuples(st.sampled_from(["", "py", "js"]), st.lists(line, max_size=6)).map(
+    lambda parts: "```" + parts[0] + "\n" + "".join(f"    {row}\n" for row in parts[1]) + "```"
+)
+document = st.lists(st.one_of(paragraph, code), min_size=1, max_size=6).map("\n\n".join)
+
+
+def runs_capped(faults: list[str | None], most: int) -> list[str | None]:
+    """Faults with no run of one kind longer than ``most`` (longer runs mean 'platform down')."""
+    capped: list[str | None] = []
+    for fault in faults:
+        if fault is not None and capped[-most:] == [fault] * most:
+            fault = None
+        capped.append(fault)
+    return capped
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    text=document,
+    cuts=st.lists(st.integers(min_value=1, max_value=40), max_size=60),
+    gaps=st.lists(st.sampled_from([0.0, 0.01, 0.05, 0.3, 1.5]), min_size=1, max_size=8),
+    faults=st.lists(st.sampled_from([None, None, None, "429", "500"]), max_size=40),
+    limit=st.integers(min_value=40, max_value=400),
+    native=st.booleans(),
+)
+def test_final_messages_are_the_text_within_limits_with_balanced_fences(
+    text: str,
+    cuts: list[int],
+    gaps: list[float],
+    faults: list[str | None],
+    limit: int,
+    native: bool,
+) -> None:
+    tokens, rest = [], text
+    for size in itertools.cycle(cuts or [len(text)]):
+        if not rest:
+            break
+        tokens.append(rest[:size])
+        rest = rest[size:]
+
+    async def main() -> tuple[list[str], bool]:
+        platform = Platform(latency=LATENCY, faults=iter(runs_capped(faults, 2)))
+        kind = FakeAppendSurface if native else FakeSurface
+        surface = kind(platform, max_chars=limit, edit_scopes=(RateScope("edit", 2.0, 2),))
+        streamer = streamer_for(surface)
+        await streamer.begin()
+        for token, gap in zip(tokens, itertools.cycle(gaps), strict=False):
+            await asyncio.sleep(gap)
+            streamer.write(token)
+        await streamer.finish()
+        return surface.messages(), streamer.delivered
+
+    messages, delivered = run_virtual(main())
+    assert delivered
+    assert all(len(message) <= limit for message in messages)
+    assert all(balanced(message) for message in messages), messages
+    assert reassemble(messages, text) == text
