@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.wire.llm_server import LLMServerProcess, answer, unauthorized
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -149,3 +153,66 @@ def test_ctrl_c_stops_the_answer_then_ctrl_c_at_the_prompt_exits_0(tmp_path: Pat
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- against real wire protocols -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llm_process() -> Iterator[LLMServerProcess]:
+    with LLMServerProcess.start() as server:
+        yield server
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_chat_streams_from_a_compatible_server_with_history_across_runs(
+    tmp_path: Path, llm_process: LLMServerProcess, api: str
+) -> None:
+    if api == "openai":
+        env = {"OPENAI_BASE_URL": llm_process.openai_base_url}  # no key: a local server
+    else:
+        env = {
+            "ANTHROPIC_BASE_URL": llm_process.anthropic_base_url,
+            "ANTHROPIC_API_KEY": "sk-ant-x",
+        }
+    before = len(llm_process.requests())
+    first = run_chat(tmp_path, "What is the capital of France?\n", **env)
+    assert first.returncode == 0, first.stderr
+    assert "You said: What is the capital of France?" in first.stdout
+    llm_process.enqueue(answer(chunks=["Par", "is, ", "as I ", "said."]))
+    second = run_chat(tmp_path, "Are you sure?\n", **env)
+    assert second.returncode == 0, second.stderr
+    assert "Paris, as I said." in second.stdout
+    requests = llm_process.requests()[before:]
+    assert len(requests) == 2
+    body = requests[-1]["body"]
+    sent = [m for m in body["messages"] if m["role"] != "system"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "user"]
+    assert "offline" not in first.stderr
+
+
+def test_unreachable_server_is_a_one_line_error_naming_the_setting(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run_chat(
+        tmp_path, "hello?\n", OPENAI_BASE_URL=f"http://127.0.0.1:{port}/v1", MAX_RETRY_ATTEMPTS="2"
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "OPENAI_BASE_URL" in lines[0], result.stderr
+
+
+def test_refused_key_is_a_one_line_error_naming_the_setting(
+    tmp_path: Path, llm_process: LLMServerProcess
+) -> None:
+    llm_process.enqueue(unauthorized())
+    result = run_chat(
+        tmp_path,
+        "hello?\n",
+        OPENAI_BASE_URL=llm_process.openai_base_url,
+        OPENAI_API_KEY="sk-wrong",
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "OPENAI_API_KEY" in lines[0], result.stderr
