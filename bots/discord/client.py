@@ -114,8 +114,8 @@ def _normalised(command: dict[str, Any]) -> dict[str, Any]:
         "description": command.get("description") or "",
         "type": int(command.get("type") or 1),
     }
-    if "required" in command or "options" not in command or command.get("type") not in (1, 2):
-        result["required"] = bool(command.get("required", False))
+    # Discord leaves out ``required: false``; discord.py may send it.
+    result["required"] = bool(command.get("required", False))
     if command.get("choices"):
         result["choices"] = sorted((c["name"], str(c["value"])) for c in command["choices"])
     result["options"] = [_normalised(o) for o in command.get("options") or []]

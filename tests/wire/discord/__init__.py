@@ -1,0 +1,1 @@
+"""A local imitation of Discord (REST API and gateway) that the real discord.py talks to."""
