@@ -501,3 +501,46 @@ async def test_server_subprocess_is_driven_over_its_control_api() -> None:
     assert recorded[1]["body"]["messages"][-1]["content"] == QUESTION[0].content
     # SIGTERM stops it cleanly.
     assert process.process.returncode == 0
+
+
+# -- the fake server's other endpoints -------------------------------------------------------
+
+
+async def test_non_streamed_requests_and_model_lists(server: FakeLLMServer) -> None:
+    openai_provider = OpenAIProvider(settings_for("openai", server.openai_base_url, None))
+    anthropic_provider = AnthropicProvider(
+        settings_for("anthropic", None, server.anthropic_base_url)
+    )
+    try:
+        server.enqueue(answer("whole answer", output_tokens=2), answer("another one"))
+        completion = await openai_provider.client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}]
+        )
+        message = await anthropic_provider.client.messages.create(
+            model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+        )
+        openai_models = [m.id async for m in openai_provider.client.models.list()]
+        anthropic_models = [m.id async for m in anthropic_provider.client.models.list()]
+    finally:
+        await openai_provider.aclose()
+        await anthropic_provider.aclose()
+    assert completion.choices[0].message.content == "whole answer"
+    assert completion.usage is not None and completion.usage.completion_tokens == 2
+    assert message.content[0].type == "text" and message.content[0].text == "another one"
+    assert openai_models == anthropic_models and openai_models
+
+
+async def test_control_api_rejects_unknown_fields_and_resets(server: FakeLLMServer) -> None:
+    provider = OpenAIProvider(settings_for("openai", server.openai_base_url, None))
+    http = provider.client._client  # the SDK's own httpx2 client, for plain HTTP calls
+    try:
+        refused = await http.post(f"{server.url}/_control/enqueue", json={"kind": "cut", "oops": 1})
+        accepted = await http.post(f"{server.url}/_control/enqueue", json=[cut(1).to_json()])
+        assert server.pending == 1
+        await http.post(f"{server.url}/_control/reset")
+        recorded = (await http.get(f"{server.url}/_control/requests")).json()
+    finally:
+        await provider.aclose()
+    assert refused.status_code == 400 and "oops" in refused.text
+    assert accepted.json() == {"pending": 1}
+    assert server.pending == 0 and recorded == []
