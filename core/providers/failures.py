@@ -30,8 +30,9 @@ from core.errors import (
 #: than dropped so the retry layer still knows the server asked for a pause.
 MAX_RETRY_AFTER_SECONDS = 60.0
 
-#: Statuses worth retrying, as the SDKs' own ``_should_retry`` lists them: request timeout,
-#: lock conflict, rate limit, and every server error (including Anthropic's 529 overloaded).
+#: Statuses below 500 worth retrying, as the SDKs' own ``_should_retry`` lists them: request
+#: timeout, lock conflict, rate limit. Every status from 500 up is retried too (including
+#: Anthropic's 529 overloaded).
 TRANSIENT_STATUSES = frozenset({408, 409, 429})
 
 #: Error ``type`` values that mean "the server failed, try again" when they arrive inside a
