@@ -39,11 +39,12 @@ LOADS = 300
 WARMUP_LOADS = 30
 STRATEGIES = ("count", "tokens", "summary")
 SYSTEM = "You are a helpful assistant in a team chat. Answer clearly and concisely."
-VOCABULARY = (
+SENTENCE = (
     "the deploy failed because the migration locked the orders table while the worker retried "
     "each batch with a longer timeout so we moved the index build to a separate step and the "
     "queue drained after the cache warmed up again in the morning"
-).split()
+)
+VOCABULARY = tuple(SENTENCE.split(" "))
 
 
 def words(rng: random.Random, count: int) -> str:

@@ -12,6 +12,8 @@ channel):
   outgrow the budget, ``after_turn`` folds the oldest of them into the summary with one short,
   non-streamed request to the provider; the request carries the stored summary and only the
   messages being folded, so each fold extends the summary rather than re-summarising everything.
+  Folds only ever look at the rows a window could hold: a long conversation switched to
+  ``summary`` starts its summary from its recent messages, not from its very first one.
 
 A policy's ``build`` is a pure function of the stored messages plus settings; ``load`` reads from
 the store only the rows ``build`` can use (never a whole long conversation); ``after_turn`` does

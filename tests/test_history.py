@@ -183,9 +183,8 @@ def test_tokens_window_properties(
         assert window.messages[0].role == "user"
         # A suffix of the stored messages; only the oldest one sent may have been cut.
         tail = messages[len(messages) - len(window.messages) :]
-        assert [m.content for m in window.messages[1:]] == [m.content for m in tail[1:]] or (
-            len(window.messages) == 1
-        )
+        assert [m.content for m in window.messages[1:]] == [m.content for m in tail[1:]]
+        assert window.messages[0].content.split(":")[0] == tail[0].content.split(":")[0]
         assert window.messages[-1].content.split(":")[0] == tail[-1].content.split(":")[0]
     if messages and messages[-1].role == "user":
         assert window.messages, "the newest user message is always sent"
