@@ -422,10 +422,14 @@ def _plain_reason(error: TransientProviderError) -> str:
     return str(error) or "the connection to it keeps failing"
 
 
+def _in_seconds(wait: float) -> str:
+    return "in a moment" if wait < 1.5 else f"in {wait:.0f} s"
+
+
 def _retry_notice(
     attempt: int, max_attempts: int, wait: float, error: TransientProviderError
 ) -> str:
     return (
         f"_The model stopped answering ({_plain_reason(error)}). "
-        f"Retrying in {wait:.0f} s (attempt {attempt + 1} of {max_attempts})…_"
+        f"Retrying {_in_seconds(wait)} (attempt {attempt + 1} of {max_attempts})…_"
     )
