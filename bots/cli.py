@@ -204,6 +204,7 @@ async def _command(
                 f"The next request sends {len(window.messages)} earlier message"
                 f"{'' if len(window.messages) == 1 else 's'} plus yours, about {window.tokens:,} "
                 f"tokens with the system prompt; {summary}.\n"
+                f"  ({window.describe()})\n"
             )
         out.flush()
         return True
