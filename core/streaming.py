@@ -352,6 +352,10 @@ class ReplyStreamer:
             self._give_up(f"platform refused a call: {exc} (code {exc.code})")
         except SurfaceError as exc:
             self._give_up(f"platform call failed: {exc}")
+        except Exception:
+            # A bug here must not hang finish() or lose the answer: log it and stop updating.
+            log.exception("reply %s: the streamer failed", self._log_context)
+            self._give_up("unexpected error in the streamer")
 
     def _give_up(self, reason: str) -> None:
         self._gave_up = True

@@ -15,6 +15,7 @@ from core.ratelimit import Budgets
 from core.reply import RateScope
 from core.streaming import (
     EMPTY_ANSWER_TEXT,
+    RETRACTED_TEXT,
     STREAMING_INDICATOR,
     THINKING_TEXT,
     ReplyStreamer,
@@ -172,6 +173,25 @@ def test_retry_shows_the_notice_then_the_new_attempt_replaces_the_text() -> None
     assert "_Connection lost, retrying…_" in history
 
 
+def test_a_shorter_retried_answer_retracts_continuation_messages_it_no_longer_needs() -> None:
+    async def main() -> list[str]:
+        platform = Platform(latency=LATENCY)
+        surface = FakeSurface(platform, max_chars=60)
+        streamer = streamer_for(surface)
+        await streamer.begin()
+        await feed(streamer, words(40))
+        await asyncio.sleep(5.0)
+        await streamer.retrying("_retrying…_")
+        await feed(streamer, ["short ", "answer"])
+        await streamer.finish()
+        return surface.messages()
+
+    shown = run_virtual(main())
+    assert len(shown) > 2
+    assert shown[0] == "short answer"
+    assert shown[1:] == [RETRACTED_TEXT] * (len(shown) - 1)
+
+
 def test_cancel_closes_an_open_code_block_and_shows_the_note() -> None:
     async def main() -> list[str]:
         platform = Platform(latency=LATENCY)
@@ -286,6 +306,21 @@ def test_native_stream_that_dies_or_must_change_is_finished_with_an_edit() -> No
     assert died == ["".join(words(120))]
     assert retried == ["second try"]
     assert calls.get("edit", 0) >= 2
+
+
+def test_an_old_native_stream_is_stopped_and_continued_with_edits() -> None:
+    async def main() -> tuple[list[str], dict[str, int]]:
+        platform = Platform(latency=LATENCY)
+        surface = FakeAppendSurface(platform)
+        streamer = streamer_for(surface, native_max_age=2.0)
+        await streamer.begin()
+        await feed(streamer, words(200))
+        await streamer.finish()
+        return surface.messages(), platform.calls
+
+    shown, calls = run_virtual(main())
+    assert shown == ["".join(words(200))]
+    assert calls.get("stop") == 1 and calls.get("edit", 0) >= 2
 
 
 # -- property: whatever happens on the way, the final messages are the text -------------------
