@@ -108,6 +108,11 @@ class ReplySurface(Protocol):
         """Replace the text of a message this reply posted (rendered text)."""
         ...
 
-    async def show_typing(self) -> None:
-        """A best-effort 'working on it' signal before the first message exists; may do nothing."""
+    async def show_typing(self) -> bool:
+        """Show the platform's typing indicator, best effort; True if it is now showing.
+
+        When it is, the streamer posts nothing until there is text (or a notice) and calls this
+        again every ``TYPING_REFRESH_SECONDS`` while the model is silent; when the platform has
+        no such indicator (False), the streamer posts a "Thinking…" message at once instead.
+        """
         ...

@@ -108,6 +108,9 @@ CALL_RETRY_CAP = 5.0
 #: Slack ends native streams after about 5 minutes (``message_not_in_streaming_state``, see
 #: docs.slack.dev chat.appendStream); stop ours a little earlier and go on with chat.update.
 NATIVE_STREAM_MAX_SECONDS = 270.0
+#: Discord shows a typing indicator for 10 s after each trigger (discord-api-docs "Trigger
+#: Typing Indicator"); refresh it a little before it lapses while the model is silent.
+TYPING_REFRESH_SECONDS = 8.0
 
 _STREAMING, _FINISHED, _FAILED, _CANCELLED = "streaming", "finished", "failed", "cancelled"
 
@@ -193,6 +196,8 @@ class ReplyStreamer:
         self._pump_task: asyncio.Task[None] | None = None
         self._failures = 0
         self._gave_up = False
+        # The platform's typing indicator stands in for the "Thinking…" message while it shows.
+        self._typing = False
         self.calls = 0
         self.rate_limited = 0
 
@@ -291,7 +296,7 @@ class ReplyStreamer:
             elif self._append is not None:
                 # A native stream shows its own "working" state; appended text cannot be removed.
                 targets.append(_Target("", False))
-            else:
+            elif not (self._typing and not self._messages):
                 targets.append(_Target(render(self._thinking), False))
         else:
             chunks = self._splitter.chunks(content)
@@ -333,12 +338,21 @@ class ReplyStreamer:
 
     async def _pump(self) -> None:
         try:
+            if self._append is None and self._phase == _STREAMING and not self._raw:
+                self._typing = await self._show_typing()
             while True:
                 plan = self._plan()
                 if plan is None:
                     if self._phase != _STREAMING:
                         return
                     self._wake.clear()
+                    if self._typing and not self._messages:
+                        # Nothing posted yet: keep the typing indicator alive while we wait.
+                        try:
+                            await asyncio.wait_for(self._wake.wait(), TYPING_REFRESH_SECONDS)
+                        except TimeoutError:
+                            self._typing = await self._show_typing()
+                        continue
                     await self._wake.wait()
                     continue
                 if await self._step(*plan):
@@ -356,6 +370,14 @@ class ReplyStreamer:
             # A bug here must not hang finish() or lose the answer: log it and stop updating.
             log.exception("reply %s: the streamer failed", self._log_context)
             self._give_up("unexpected error in the streamer")
+
+    async def _show_typing(self) -> bool:
+        try:
+            return await self._surface.show_typing()
+        except Exception:
+            # Best effort: without the indicator, the "Thinking…" message goes out instead.
+            log.debug("reply %s: typing indicator failed", self._log_context, exc_info=True)
+            return False
 
     def _give_up(self, reason: str) -> None:
         self._gave_up = True

@@ -140,9 +140,13 @@ class FakeSurface:
         post_scopes: tuple[RateScope, ...] = (RateScope("post", 1.0, 1),),
         edit_scopes: tuple[RateScope, ...] = (RateScope("edit", 1.0, 5),),
         render: Callable[[str], str] = lambda text: text,
+        typing: bool = False,
     ) -> None:
         self.platform = platform
         self.max_chars = max_chars
+        # Whether the platform has a typing indicator (Discord) or not (Slack).
+        self.typing = typing
+        self.typing_calls = 0
         self._scopes = {"post": post_scopes, "edit": edit_scopes}
         self._render = render
         self.posted: list[str] = []
@@ -174,8 +178,9 @@ class FakeSurface:
         self.platform.log.append((self.platform.now(), message_id, text))
         await self.platform.back()
 
-    async def show_typing(self) -> None:
-        return None
+    async def show_typing(self) -> bool:
+        self.typing_calls += 1
+        return self.typing
 
     def messages(self) -> list[str]:
         """The texts of this reply's messages as the platform shows them now."""

@@ -126,7 +126,10 @@ async def test_five_replies_at_once_in_one_channel(tmp_path: Path) -> None:
                 # Each reply answers the question it points at.
                 assert message.reference is not None
                 assert message.content == expected[message.reference]
-            assert fake.edits >= 5  # each reply was shown first, then edited to its answer
+            # The typing indicator stood in until text arrived: one message per reply, no 429.
+            assert len(fake.bot_messages_in(fake.text_channel)) == 5
+            assert fake.typing[fake.text_channel] >= 5
+            assert fake.total_429s == 0
     finally:
         await fake.close()
 
@@ -138,12 +141,13 @@ async def test_429s_with_via_are_retried_by_discord_py_and_pause_the_scope(tmp_p
         bot.provider.enqueue(["Final ", "text."])
         payload = fake.user_message(fake.text_channel, "rate limit me")
         thread_id = int(payload["id"])
-        fake.force_429("edit", thread_id, 2)
+        # The reply's first call is its post (the typing indicator stood in until text).
+        fake.force_429("post", thread_id, 2)
         await fake.dispatch("MESSAGE_CREATE", payload)
         await bot.answered(thread_id, "Final text.")
-        assert fake.rate_limited["edit"] == 2
-        # The trace saw the 429s: the thread's edit scope was paused (it exists and was used).
-        budget = budgets.get(scope_key(thread_id, "edit"))
+        assert fake.rate_limited["post"] == 2
+        # The trace saw the 429s: the thread's post scope was paused (it exists and was used).
+        budget = budgets.get(scope_key(thread_id, "post"))
         assert budget is not None and budget.granted >= 1
 
 
@@ -155,10 +159,10 @@ async def test_429_without_via_reaches_the_streamer_which_waits_and_lands(tmp_pa
             bot.provider.enqueue(["Lands ", "anyway."])
             payload = fake.user_message(fake.text_channel, "no via")
             thread_id = int(payload["id"])
-            fake.force_429("edit", thread_id, 1)
+            fake.force_429("post", thread_id, 1)
             await fake.dispatch("MESSAGE_CREATE", payload)
             await bot.answered(thread_id, "Lands anyway.")
-            assert fake.rate_limited["edit"] == 1
+            assert fake.rate_limited["post"] == 1
     finally:
         await fake.close()
 

@@ -18,6 +18,7 @@ from core.streaming import (
     RETRACTED_TEXT,
     STREAMING_INDICATOR,
     THINKING_TEXT,
+    TYPING_REFRESH_SECONDS,
     ReplyStreamer,
 )
 from tests.fake_platform import FakeAppendSurface, FakeSurface, Platform, run_virtual
@@ -59,6 +60,38 @@ def test_indicator_first_then_exact_final_text_without_indicator() -> None:
     assert shown == ["".join(words(40))]
     assert ids == ["0"]
     assert any(text.endswith(STREAMING_INDICATOR) for _, _, text in log[1:-1])
+
+
+def test_a_typing_indicator_stands_in_for_the_thinking_message_until_text() -> None:
+    async def main() -> tuple[list[tuple[float, str, str]], int, list[str]]:
+        platform = Platform(latency=LATENCY)
+        surface = FakeSurface(platform, typing=True)
+        streamer = streamer_for(surface)
+        await streamer.begin()
+        await asyncio.sleep(20.0)  # a model silent for 20 s: the indicator is refreshed
+        await feed(streamer, words(10))
+        await streamer.finish()
+        return platform.log, surface.typing_calls, surface.messages()
+
+    log, typing_calls, shown = run_virtual(main())
+    assert all(text != THINKING_TEXT for _, _, text in log)
+    assert log[0][0] >= 20.0  # nothing was posted before the first token
+    # Triggered at once, then every TYPING_REFRESH_SECONDS while the model stayed silent.
+    assert typing_calls == 1 + int(20.0 // TYPING_REFRESH_SECONDS)
+    assert shown == ["".join(words(10))]
+
+
+def test_a_failed_turn_without_text_still_posts_its_message_when_typing() -> None:
+    async def main() -> list[str]:
+        platform = Platform(latency=LATENCY)
+        surface = FakeSurface(platform, typing=True)
+        streamer = streamer_for(surface)
+        await streamer.begin()
+        await asyncio.sleep(1.0)
+        await streamer.fail("The model is down.")
+        return surface.messages()
+
+    assert run_virtual(main()) == ["The model is down."]
 
 
 def test_tokens_coalesce_and_pacing_causes_no_429() -> None:

@@ -17,7 +17,12 @@ from typing import Any, Literal
 import aiohttp
 import discord
 
-from core.errors import PermanentSurfaceError, SurfaceRateLimited, TransientSurfaceError
+from core.errors import (
+    PermanentSurfaceError,
+    SurfaceError,
+    SurfaceRateLimited,
+    TransientSurfaceError,
+)
 from core.ratelimit import Budgets
 from core.reply import RateScope
 
@@ -145,13 +150,15 @@ class DiscordReply:
         with translated_errors(scope_key(self.channel_id, "edit")):
             await partial.edit(content=text, allowed_mentions=discord.AllowedMentions.none())
 
-    async def show_typing(self) -> None:
+    async def show_typing(self) -> bool:
         # One typing call shows the indicator for 10 s or until the bot's next message.
         try:
             with translated_errors(scope_key(self.channel_id, "post")):
                 await self.channel.typing()
-        except (TransientSurfaceError, PermanentSurfaceError) as error:
+        except SurfaceError as error:
             log.debug("typing indicator failed in %s: %s", self.channel_id, error)
+            return False
+        return True
 
 
 def _header_float(headers: Any, name: str) -> float | None:

@@ -199,9 +199,10 @@ class SlackReply:
         }
         await self._call("edit", "chat.update", self.client.chat_update, kwargs)
 
-    async def show_typing(self) -> None:
-        """Nothing: Slack has no typing indicator for bots outside assistant threads; the
-        streamer's first message is the sign of life."""
+    async def show_typing(self) -> bool:
+        """Nothing to show: Slack has no typing indicator for bots outside assistant threads, so
+        the streamer's "Thinking…" message is the sign of life."""
+        return False
 
     async def _call(
         self,
