@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from core.commands import MAX_SYSTEM_PROMPT_CHARS, ChannelTarget, Command, help_text, parse_command
 from core.config import Settings
@@ -338,7 +338,10 @@ class ChatEngine:
         platform = target.platform
         prefix = COMMAND_PREFIXES.get(platform, self.settings.slack_command + " ")
         if command.action == "help":
-            return help_text(prefix)
+            text = help_text(prefix, app_commands=platform == "discord")
+            return f"{command.problem}\n\n{text}" if command.problem else text
+        if command.action.startswith("history_"):
+            return await self._history_command(command, target)
         if command.action == "system_set" and len(command.text) > MAX_SYSTEM_PROMPT_CHARS:
             return (
                 f"That system prompt is {len(command.text):,} characters; the limit is "
@@ -378,6 +381,37 @@ class ChatEngine:
         }[variant]
         return f"System prompt ({source}):\n> {_quote(prompt)}"
 
+    async def _history_command(
+        self, command: Command, target: ConversationKey | ChannelTarget
+    ) -> str:
+        """History settings belong to a channel: in a thread or DM, to the one it lives in."""
+        where = (target.platform, target.workspace, target.channel)
+        if command.action == "history_set":
+            limit = command.limit
+            values: dict[str, Any] = {"history_strategy": command.text}
+            if command.text == "count":
+                values["max_history_messages"] = limit
+            elif limit is not None:
+                values["max_history_tokens"] = limit
+            await self.store.update_channel_settings(*where, **values)
+        elif command.action == "history_clear":
+            await self.store.update_channel_settings(
+                *where, history_strategy=None, max_history_messages=None, max_history_tokens=None
+            )
+        channel = await self.store.channel_settings(*where)
+        strategy = channel.history_strategy or self.settings.history_strategy
+        described = _describe_history(
+            strategy,
+            channel.max_history_messages or self.settings.max_history_messages,
+            channel.max_history_tokens or self.settings.max_history_tokens,
+        )
+        own = channel.history_strategy is not None
+        source = "this channel's setting" if own else "the bot's default"
+        prefix = {"history_set": "Done. ", "history_clear": "Back to the default. "}.get(
+            command.action, ""
+        )
+        return f"{prefix}Each request here sends {described} ({source})."
+
     async def _channel_command(self, command: Command, target: ChannelTarget) -> str:
         channel = await self.store.channel_settings(
             target.platform, target.workspace, target.channel
@@ -406,6 +440,14 @@ class ChatEngine:
             "This channel has no default system prompt of its own; new threads use the bot's "
             f"default:\n> {_quote(self.settings.system_prompt)}"
         )
+
+
+def _describe_history(strategy: str, messages: int, tokens: int) -> str:
+    if strategy == "count":
+        return f"the newest {messages} messages"
+    if strategy == "tokens":
+        return f"the newest messages that fit {tokens:,} tokens"
+    return f"a running summary of older messages plus the newest that fit {tokens:,} tokens"
 
 
 def _quote(text: str) -> str:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from core.commands import ChannelTarget, Command
+from core.commands import ChannelTarget, Command, parse_command
 from core.config import Settings
 from core.conversation import ChatMessage, ConversationKey, IncomingMessage
 from core.engine import CANCELLED_BY_RESET, EMPTY_MESSAGE_HINT, ChatEngine
@@ -297,3 +297,44 @@ async def test_engine_with_real_retry_policy_shape(settings: Settings) -> None:
     assert waits == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
     low = RetryPolicy(random=lambda: 0.0)
     assert low.wait_seconds(3, TransientProviderError("x")) == 1.0
+
+
+async def test_history_settings_per_channel_change_what_is_sent(
+    engine: ChatEngine, provider: OfflineProvider, store: ConversationStore
+) -> None:
+    channel = ChannelTarget("slack", "T1", "C1")
+    shown = await engine.run_command(parse_command("history"), channel)  # type: ignore[arg-type]
+    assert "newest 20 messages" in shown and "the bot's default" in shown
+    answer = await engine.run_command(parse_command("history count 2"), KEY)  # type: ignore[arg-type]
+    assert "newest 2 messages" in answer and "this channel's setting" in answer
+    for i in range(3):
+        provider.enqueue([f"a{i}"])
+        await engine.handle(message(f"q{i}"), CollectingSink())
+    assert [m.content for m in provider.requests[-1].messages] == ["q2"]
+    tokens = await engine.run_command(parse_command("history tokens 6,000"), channel)  # type: ignore[arg-type]
+    assert "fit 6,000 tokens" in tokens
+    assert (await store.channel_settings("slack", "T1", "C1")).history_strategy == "tokens"
+    cleared = await engine.run_command(parse_command("history clear"), channel)  # type: ignore[arg-type]
+    assert "newest 20 messages" in cleared and "the bot's default" in cleared
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("history count 0", "between 1 and 500"),
+        ("history tokens lots", "not a number"),
+        ("history fancy", "don't know that history setting"),
+    ],
+)
+async def test_mistyped_history_commands_explain_themselves(
+    engine: ChatEngine, text: str, problem: str
+) -> None:
+    command = parse_command(text)
+    assert command is not None and command.action == "help"
+    answer = await engine.run_command(command, ChannelTarget("slack", "T1", "C1"))
+    assert problem in answer and "/chatbot history" in answer
+
+
+async def test_discord_help_lists_its_app_commands(engine: ChatEngine) -> None:
+    answer = await engine.run_command(Command("help"), ChannelTarget("discord", "G1", "C1"))
+    assert "/system set <text>" in answer and "/history show" in answer
