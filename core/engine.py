@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 TurnStatus = Literal["answered", "duplicate", "command", "rejected", "failed", "cancelled"]
 
+#: How often processed platform events older than any redelivery are forgotten (seconds).
+EVENT_PRUNE_INTERVAL = 3600.0
 #: A retry before any token was shown stays silent when its wait is shorter than this (seconds).
 SILENT_RETRY_MAX_WAIT = 2.0
 
@@ -84,6 +86,7 @@ class ChatEngine:
         self._active: dict[int, asyncio.Task[object]] = {}
         self._cancel_notes: dict[asyncio.Task[object], str] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._last_prune: float | None = None
 
     @classmethod
     async def create(cls, settings: Settings, *, provider: Provider | None = None) -> ChatEngine:
@@ -138,6 +141,8 @@ class ChatEngine:
                 "dropped a second delivery of %s message %s", key.platform, incoming.message_id
             )
             return TurnResult("duplicate")
+        if incoming.message_id is not None:
+            self._prune_events_now_and_then()
         text = incoming.text.strip()
         if not text:
             await self._say(reply, EMPTY_MESSAGE_HINT)
@@ -299,6 +304,13 @@ class ChatEngine:
             )
         log.error("conversation %s: the provider refused the request: %s", conversation.id, error)
         return f"The language model could not answer this: {error}"
+
+    def _prune_events_now_and_then(self) -> None:
+        # The dedupe table would otherwise grow by a row per message for ever.
+        now = self._clock()
+        if self._last_prune is None or now - self._last_prune >= EVENT_PRUNE_INTERVAL:
+            self._last_prune = now
+            self._in_background(self.store.prune_events())
 
     def _in_background(self, coroutine: object) -> None:
         async def guarded() -> None:

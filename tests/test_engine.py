@@ -338,3 +338,25 @@ async def test_mistyped_history_commands_explain_themselves(
 async def test_discord_help_lists_its_app_commands(engine: ChatEngine) -> None:
     answer = await engine.run_command(Command("help"), ChannelTarget("discord", "G1", "C1"))
     assert "/system set <text>" in answer and "/history show" in answer
+
+
+async def test_old_processed_events_are_forgotten_hourly(
+    settings: Settings, store: ConversationStore, provider: OfflineProvider
+) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from core.store import ProcessedEventRow, _now
+
+    clock = [1000.0]
+    engine = ChatEngine(settings, store, provider, clock=lambda: clock[0])
+    await store.claim_event("slack", "T1:old")
+    async with store.engine.begin() as conn:
+        await conn.execute(update(ProcessedEventRow).values(created_at=_now() - timedelta(days=3)))
+    provider.enqueue(["a"], ["b"])
+    await engine.handle(message("first", "m1"), CollectingSink())
+    await asyncio.wait(engine._background, timeout=5)
+    # The stale event was pruned; the fresh one is still remembered, so it stays deduplicated.
+    assert await store.claim_event("slack", "T1:old")
+    assert (await engine.handle(message("first", "m1"), CollectingSink())).status == "duplicate"
