@@ -11,28 +11,303 @@ A ``Budgets`` registry lives for the whole process. Each ``RateScope.key`` (e.g.
   the whole scope until the platform's reset time, for every reply at once.
 
 Clocks are injected (``now``, ``sleep``) so tests and benchmarks run in virtual time.
+
+Several processes (Slack HTTP workers behind a load balancer, Discord processes) share the
+platform's limits, so each budget can also take from a ``SharedLimiter``: one GCRA bucket per key
+in Redis (``REDIS_URL``) or PostgreSQL (``DATABASE_URL``), which ``budgets_for`` picks. The FIFO
+turn stays in the process; the shared bucket decides when the head of the queue may go, and a
+429 seen by any process pauses the scope for all. When the shared backend fails, calls are paced
+in the process only (with one warning per outage): the limiter never blocks or fails a reply.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Protocol
 
+from core.errors import ConfigError
 from core.reply import RateScope
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from core.config import Settings
+
+log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 # Float slack: a refill computed as 0.9999999999 tokens is a token (else a 1e-17 s sleep loops).
 _EPSILON = 1e-9
 Sleeper = Callable[[float], Awaitable[None]]
 
+#: Longest a shared limiter may take to answer before the call is paced in the process only.
+SHARED_CALL_TIMEOUT_SECONDS = 2.0
+#: After a shared limiter failed, how long calls skip it before asking it again.
+SHARED_RETRY_SECONDS = 5.0
+#: Redis keys of the shared buckets start with this (one hash per rate-limit scope).
+REDIS_KEY_PREFIX = "threadbot:rate:"
+#: A Redis bucket outlives its last effect by this much, then expires (nothing accumulates).
+REDIS_TTL_MARGIN_SECONDS = 60.0
+#: PostgreSQL rows of scopes idle this long are deleted, at most once per this period too.
+STORE_PRUNE_SECONDS = 3600.0
+
+
+class SharedLimiter(Protocol):
+    """Rate-limit buckets shared by every process of a deployment (the seam).
+
+    ``take(key, per_second, burst)`` atomically takes one call from the bucket of ``key`` and
+    returns 0, or takes nothing and returns the seconds to wait before asking again. The bucket
+    holds at most ``burst`` calls and refills at ``per_second`` (GCRA: the theoretical arrival
+    time, on the backend's own clock so processes on different hosts agree); callers pass the
+    rate each time, so a rate learnt from headers applies at once. ``pause(key, seconds)`` stops
+    the scope for every process (a 429's Retry-After): ``take`` answers the time left, and when
+    the pause ends one call may go, then the rate. Implementations raise on backend failure;
+    ``Budgets`` catches that and paces in the process. ``setting`` names the setting an operator
+    checks when the backend fails. ``aclose()`` releases the connections the limiter owns.
+    """
+
+    setting: str
+
+    async def take(self, key: str, per_second: float, burst: int) -> float: ...
+
+    async def pause(self, key: str, seconds: float) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class RateBudgetStore(Protocol):
+    """What ``StoreLimiter`` needs of ``core.store.ConversationStore`` (which speaks the SQL)."""
+
+    is_postgres: bool
+
+    async def take_rate_token(self, key: str, per_second: float, burst: int) -> float: ...
+
+    async def pause_rate_scope(self, key: str, seconds: float) -> None: ...
+
+    async def prune_rate_budgets(self, idle_seconds: float = ...) -> int: ...
+
+
+class StoreLimiter:
+    """Shared buckets in PostgreSQL: one atomic statement per take (see ``ConversationStore``).
+
+    The store belongs to the engine: ``aclose`` leaves it open. Scopes idle for an hour are
+    pruned, checked at most once an hour, so Discord's per-channel rows do not accumulate.
+    """
+
+    setting = "DATABASE_URL"
+
+    def __init__(self, store: RateBudgetStore, *, now: Clock = time.monotonic) -> None:
+        self._store = store
+        self._now = now
+        self._next_prune = now()
+
+    async def take(self, key: str, per_second: float, burst: int) -> float:
+        wait = await self._store.take_rate_token(key, per_second, burst)
+        if self._now() >= self._next_prune:
+            self._next_prune = self._now() + STORE_PRUNE_SECONDS
+            try:
+                await self._store.prune_rate_budgets(STORE_PRUNE_SECONDS)
+            except Exception as error:
+                # The take itself succeeded; a failed prune only leaves rows for the next one.
+                log.warning("pruning idle shared rate-limit budgets failed: %s", error)
+        return wait
+
+    async def pause(self, key: str, seconds: float) -> None:
+        await self._store.pause_rate_scope(key, seconds)
+
+    async def aclose(self) -> None:
+        return None
+
+
+# KEYS[1]: the bucket's hash; ARGV: emission interval (1 / rate), tolerance ((burst - 1) *
+# interval), epsilon, TTL margin. Redis's TIME is the clock, so processes on different hosts
+# agree. Numbers travel as strings: Redis turns a Lua number reply into an integer.
+_REDIS_TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local interval = tonumber(ARGV[1])
+local tau = tonumber(ARGV[2])
+local state = redis.call('HMGET', KEYS[1], 'tat', 'paused_until')
+local tat = tonumber(state[1]) or now
+local paused = tonumber(state[2]) or 0
+local base = math.max(tat, now, paused + tau)
+local wait = base - tau - now
+if wait > tonumber(ARGV[3]) then
+  return string.format('%.6f', wait)
+end
+tat = base + interval
+redis.call('HSET', KEYS[1], 'tat', string.format('%.6f', tat))
+local last = math.max(tat, paused + tau)
+redis.call('PEXPIRE', KEYS[1], math.ceil((last - now + tonumber(ARGV[4])) * 1000))
+return '0'
+"""
+# KEYS[1]: the bucket's hash; ARGV: seconds to pause, TTL margin.
+_REDIS_PAUSE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'tat', 'paused_until')
+local paused = math.max(tonumber(state[2]) or 0, now + tonumber(ARGV[1]))
+redis.call('HSET', KEYS[1], 'paused_until', string.format('%.6f', paused))
+local last = math.max(tonumber(state[1]) or 0, paused)
+redis.call('PEXPIRE', KEYS[1], math.ceil((last - now + tonumber(ARGV[2])) * 1000))
+return '0'
+"""
+
+
+class RedisLimiter:
+    """Shared buckets in Redis: a Lua script per take (GCRA on the server's clock).
+
+    Each scope is one hash (``tat``, ``paused_until``) whose TTL ends a minute after its last
+    effect, so idle scopes disappear. The limiter owns its client: ``aclose`` closes it.
+    """
+
+    setting = "REDIS_URL"
+
+    def __init__(self, client: Redis, *, prefix: str = REDIS_KEY_PREFIX) -> None:
+        self.client = client
+        self.prefix = prefix
+        self._take = client.register_script(_REDIS_TAKE)
+        self._pause = client.register_script(_REDIS_PAUSE)
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = REDIS_KEY_PREFIX) -> RedisLimiter:
+        """A limiter on a new client for ``url`` (``redis://host:port/db``)."""
+        try:
+            from redis.asyncio import Redis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+        except ImportError as error:
+            raise ConfigError(
+                "REDIS_URL is set but the redis package is not installed: pip install redis",
+                setting="REDIS_URL",
+            ) from error
+        client = Redis.from_url(
+            url,
+            socket_connect_timeout=SHARED_CALL_TIMEOUT_SECONDS,
+            socket_timeout=SHARED_CALL_TIMEOUT_SECONDS,
+            # One quick retry (a pooled connection Redis dropped); beyond that, pace locally.
+            retry=Retry(NoBackoff(), 1),
+        )
+        return cls(client, prefix=prefix)
+
+    async def take(self, key: str, per_second: float, burst: int) -> float:
+        interval = 1.0 / per_second
+        answer = await self._take(
+            keys=[self.prefix + key],
+            args=[
+                repr(interval),
+                repr((max(1, burst) - 1) * interval),
+                repr(_SHARED_EPSILON),
+                repr(REDIS_TTL_MARGIN_SECONDS),
+            ],
+        )
+        return max(0.0, float(answer))
+
+    async def pause(self, key: str, seconds: float) -> None:
+        await self._pause(
+            keys=[self.prefix + key], args=[repr(max(0.0, seconds)), repr(REDIS_TTL_MARGIN_SECONDS)]
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+# A wait of a microsecond from a shared limiter is no wait (clock resolution of the backends).
+_SHARED_EPSILON = 1e-6
+
+
+class _SharedPacing:
+    """A ``SharedLimiter`` that never raises: failures pace in the process, logged once."""
+
+    def __init__(self, limiter: SharedLimiter, *, now: Clock) -> None:
+        self.limiter = limiter
+        self._now = now
+        self._skip_until = -math.inf
+        self._outage = False
+        self.closed = False
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def _usable(self) -> bool:
+        return not self.closed and self._now() >= self._skip_until
+
+    async def take(self, key: str, per_second: float, burst: int) -> float:
+        """Seconds to wait before asking again; 0 when the call may go (or the backend failed)."""
+        if not self._usable():
+            return 0.0
+        try:
+            async with asyncio.timeout(SHARED_CALL_TIMEOUT_SECONDS):
+                wait = await self.limiter.take(key, per_second, burst)
+        except Exception as error:
+            self._failed(error)
+            return 0.0
+        self._answered()
+        # NaN or a negative answer is no reason to stop a reply.
+        return wait if wait > _SHARED_EPSILON and math.isfinite(wait) else 0.0
+
+    def pause(self, key: str, seconds: float) -> None:
+        """Tell every process about a 429, in a task (callers are synchronous)."""
+        if not self._usable():
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(self._pause(key, seconds))
+        except RuntimeError:
+            return  # no event loop: nothing to share with
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _pause(self, key: str, seconds: float) -> None:
+        try:
+            async with asyncio.timeout(SHARED_CALL_TIMEOUT_SECONDS):
+                await self.limiter.pause(key, seconds)
+        except Exception as error:
+            self._failed(error)
+        else:
+            self._answered()
+
+    async def flush(self) -> None:
+        """Wait until every pause handed over so far has reached the backend (or failed)."""
+        while self._pending:
+            await asyncio.wait(list(self._pending))
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await self.flush()
+        await self.limiter.aclose()
+
+    def _failed(self, error: Exception) -> None:
+        self._skip_until = self._now() + SHARED_RETRY_SECONDS
+        if not self._outage:
+            self._outage = True
+            log.warning(
+                "shared rate-limit budgets unavailable (%s: %s): pacing platform calls in this "
+                "process only, so several processes may exceed the platform's limits; check %s",
+                type(error).__name__,
+                error or "no answer",
+                self.limiter.setting,
+            )
+
+    def _answered(self) -> None:
+        if self._outage:
+            self._outage = False
+            log.warning("shared rate-limit budgets (%s) answer again", self.limiter.setting)
+
 
 class Budget:
     """The token bucket and FIFO queue of one rate-limit scope."""
 
-    def __init__(self, scope: RateScope, *, now: Clock, sleep: Sleeper) -> None:
+    def __init__(
+        self,
+        scope: RateScope,
+        *,
+        now: Clock,
+        sleep: Sleeper,
+        shared: _SharedPacing | None = None,
+    ) -> None:
         if scope.per_second <= 0 or scope.burst < 1:
             raise ValueError(f"rate scope {scope.key!r} needs per_second > 0 and burst >= 1")
         self.key = scope.key
@@ -40,6 +315,7 @@ class Budget:
         self.burst = scope.burst
         self._now = now
         self._sleep = sleep
+        self._shared = shared
         self._tokens = float(scope.burst)
         self._stamp = now()
         self._paused_until = -math.inf
@@ -70,7 +346,11 @@ class Budget:
         return wait if wait > _EPSILON else 0.0
 
     async def acquire(self) -> None:
-        """Wait for this caller's turn and for a token, then consume it."""
+        """Wait for this caller's turn and for a token, then consume it.
+
+        With a shared limiter, the head of the queue also takes from the shared bucket (every
+        process's calls) before it goes, asking again after the wait it is told.
+        """
         ticket = asyncio.Event()
         self._queue.append(ticket)
         if self._queue[0] is ticket:
@@ -79,6 +359,8 @@ class Budget:
             while True:
                 await ticket.wait()
                 wait = self.delay()
+                if wait <= 0 and self._shared is not None:
+                    wait = await self._shared.take(self.key, self.per_second, self.burst)
                 if wait <= 0:
                     break
                 # Re-check after sleeping: a 429 or a header may have moved the goalposts.
@@ -139,6 +421,8 @@ class Budgets:
     consumes; ``pause`` is what a 429 does; ``observe`` feeds rate-limit headers. ``overrides``
     maps a key prefix (e.g. ``"slack:"`` or a full key) to a ``(per_second, burst)`` pair that
     replaces what a surface declares, for deployments whose limits differ from the published ones.
+    ``shared`` makes every budget also take from buckets shared with other processes (see
+    ``SharedLimiter``; ``budgets_for`` picks one from the settings); ``aclose()`` releases it.
     """
 
     def __init__(
@@ -147,11 +431,18 @@ class Budgets:
         now: Clock = time.monotonic,
         sleep: Sleeper = asyncio.sleep,
         overrides: dict[str, tuple[float, int]] | None = None,
+        shared: SharedLimiter | None = None,
     ) -> None:
         self._now = now
         self._sleep = sleep
         self._budgets: dict[str, Budget] = {}
         self._overrides = dict(overrides or {})
+        self._shared = _SharedPacing(shared, now=now) if shared is not None else None
+
+    @property
+    def shared(self) -> SharedLimiter | None:
+        """The limiter shared with other processes, if any."""
+        return self._shared.limiter if self._shared is not None else None
 
     def budget(self, scope: RateScope) -> Budget:
         """The budget of ``scope.key``, created from the first declaration of that key."""
@@ -163,7 +454,7 @@ class Budgets:
                 if scope.key.startswith(prefix):
                     scope = RateScope(scope.key, per_second, burst)
                     break
-            found = Budget(scope, now=self._now, sleep=self._sleep)
+            found = Budget(scope, now=self._now, sleep=self._sleep, shared=self._shared)
             self._budgets[scope.key] = found
         return found
 
@@ -180,10 +471,12 @@ class Budgets:
             await self.budget(scope).acquire()
 
     def pause(self, key: str, seconds: float) -> None:
-        """A 429 on ``key``: every reply in the scope waits ``seconds``."""
+        """A 429 on ``key``: every reply in the scope waits ``seconds``, in every process."""
         budget = self._budgets.get(key)
         if budget is not None:
             budget.pause(seconds)
+        if self._shared is not None:
+            self._shared.pause(key, seconds)
 
     def observe(
         self,
@@ -198,3 +491,47 @@ class Budgets:
         budget = self._budgets.get(key)
         if budget is not None:
             budget.observe(remaining=remaining, reset_after=reset_after, limit=limit, window=window)
+        if (
+            self._shared is not None
+            and remaining is not None
+            and remaining < 1
+            and reset_after is not None
+            and reset_after > 0
+        ):
+            # The platform's bucket is the bot's, not this process's: empty for everyone.
+            self._shared.pause(key, reset_after)
+
+    async def flush(self) -> None:
+        """Wait until every pause so far has reached the shared limiter (tests, shutdown)."""
+        if self._shared is not None:
+            await self._shared.flush()
+
+    async def aclose(self) -> None:
+        """Release the shared limiter (its Redis client); budgets then pace in the process only.
+
+        Safe to call more than once.
+        """
+        if self._shared is not None and not self._shared.closed:
+            await self._shared.aclose()
+
+
+def budgets_for(
+    settings: Settings,
+    store: RateBudgetStore | None = None,
+    *,
+    now: Clock = time.monotonic,
+    sleep: Sleeper = asyncio.sleep,
+    overrides: dict[str, tuple[float, int]] | None = None,
+) -> Budgets:
+    """The deployment's budgets: shared through Redis when REDIS_URL is set, else through
+    PostgreSQL when ``store`` is on it, else paced in this process (SQLite: one process)."""
+    shared: SharedLimiter | None
+    if settings.redis_url:
+        shared = RedisLimiter.from_url(settings.redis_url)
+        log.info("rate-limit budgets shared across processes through Redis (REDIS_URL)")
+    elif store is not None and store.is_postgres:
+        shared = StoreLimiter(store)
+        log.info("rate-limit budgets shared across processes through PostgreSQL (DATABASE_URL)")
+    else:
+        shared = None
+    return Budgets(now=now, sleep=sleep, overrides=overrides, shared=shared)

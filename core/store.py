@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     DateTime,
+    Double,
     ForeignKey,
     Index,
     Integer,
@@ -127,6 +128,27 @@ class ProcessedEventRow(Base):
     platform: Mapped[str] = mapped_column(String(32))
     event_key: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, index=True)
+
+
+class RateBudgetRow(Base):
+    """One shared rate-limit scope (GCRA state); used on PostgreSQL only.
+
+    Times are seconds since the epoch on the database server's clock, so processes on different
+    hosts agree. A row whose ``tat`` and ``paused_until`` are both past means the same as no row.
+    """
+
+    __tablename__ = "rate_budgets"
+
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    # Theoretical arrival time: when the scope's bucket is back to full (GCRA).
+    tat: Mapped[float] = mapped_column(Double)
+    # Set by a 429 seen in any process: no call before this time.
+    paused_until: Mapped[float] = mapped_column(Double)
+    # What the latest take was told: 0 (granted) or the seconds to wait (RETURNING sees only
+    # the new row, so the answer travels through it).
+    last_wait: Mapped[float] = mapped_column(Double)
+    # When the latest take or pause ran.
+    checked_at: Mapped[float] = mapped_column(Double)
 
 
 @dataclass(frozen=True, slots=True)
@@ -582,6 +604,50 @@ class ConversationStore:
                 del self._lock_users[conversation_id]
                 del self._locks[conversation_id]
 
+    # -- shared rate-limit budgets (PostgreSQL) --------------------------------------------------
+
+    async def take_rate_token(self, key: str, per_second: float, burst: int) -> float:
+        """Take one call from the shared bucket of ``key``: 0 when taken, else seconds to wait.
+
+        GCRA in one statement (a row lock for its duration only): a call may go when the
+        bucket's theoretical arrival time is at most ``(burst - 1) / per_second`` ahead of now,
+        and no pause holds it; after a pause, one call goes at its end and then the rate.
+        PostgreSQL only (SQLite serves one process: pace in the process).
+        """
+        self._require_postgres()
+        interval = 1.0 / per_second
+        async with self.engine.begin() as conn:
+            wait = await conn.scalar(
+                _TAKE_RATE_TOKEN,
+                {
+                    "key": key,
+                    "interval": interval,
+                    "tau": (max(1, burst) - 1) * interval,
+                    "eps": RATE_EPSILON_SECONDS,
+                },
+            )
+        return max(0.0, float(wait or 0.0))
+
+    async def pause_rate_scope(self, key: str, seconds: float) -> None:
+        """Hold every process's calls in ``key`` for ``seconds`` (a 429's Retry-After)."""
+        self._require_postgres()
+        async with self.engine.begin() as conn:
+            await conn.execute(_PAUSE_RATE_SCOPE, {"key": key, "seconds": max(0.0, seconds)})
+
+    async def prune_rate_budgets(self, idle_seconds: float = 3600.0) -> int:
+        """Forget scopes idle for ``idle_seconds`` (their rows say no more than no row)."""
+        self._require_postgres()
+        async with self.engine.begin() as conn:
+            result = await conn.execute(_PRUNE_RATE_BUDGETS, {"idle": idle_seconds})
+        return int(getattr(result, "rowcount", 0) or 0)
+
+    def _require_postgres(self) -> None:
+        if not self.is_postgres:
+            raise RuntimeError(
+                "shared rate-limit budgets need PostgreSQL (DATABASE_URL); "
+                "on SQLite one process paces its own calls"
+            )
+
     # -- queries -------------------------------------------------------------------------------
 
     @staticmethod
@@ -600,6 +666,42 @@ class ConversationStore:
             ChannelSettingsRow.workspace == workspace,
             ChannelSettingsRow.channel == channel,
         )
+
+
+#: Float slack in the GCRA comparison, in seconds (a wait of a microsecond is no wait).
+RATE_EPSILON_SECONDS = 1e-6
+
+# The database clock read once per statement (clock_timestamp(), not now(): the transaction's
+# start would be stale). It travels into the UPDATE branch as EXCLUDED.checked_at. A take that
+# waited for a competing take's row lock reads the clock before that wait, so it may grant up to
+# that wait (milliseconds) early: the tolerance of this limiter.
+_DB_CLOCK = "WITH clock AS (SELECT extract(epoch FROM clock_timestamp())::double precision AS now)"
+_GCRA_BASE = "greatest(b.tat, EXCLUDED.checked_at, b.paused_until + CAST(:tau AS double precision))"
+_GCRA_WAIT = f"({_GCRA_BASE} - CAST(:tau AS double precision) - EXCLUDED.checked_at)"
+_TAKE_RATE_TOKEN = text(
+    f"""{_DB_CLOCK}
+INSERT INTO rate_budgets AS b (key, tat, paused_until, last_wait, checked_at)
+SELECT :key, clock.now + CAST(:interval AS double precision), 0, 0, clock.now FROM clock
+ON CONFLICT (key) DO UPDATE SET
+    tat = CASE WHEN {_GCRA_WAIT} <= CAST(:eps AS double precision)
+        THEN {_GCRA_BASE} + CAST(:interval AS double precision) ELSE b.tat END,
+    last_wait = CASE WHEN {_GCRA_WAIT} <= CAST(:eps AS double precision)
+        THEN 0 ELSE {_GCRA_WAIT} END,
+    checked_at = EXCLUDED.checked_at
+RETURNING last_wait"""
+)
+_PAUSE_RATE_SCOPE = text(
+    f"""{_DB_CLOCK}
+INSERT INTO rate_budgets AS b (key, tat, paused_until, last_wait, checked_at)
+SELECT :key, 0, clock.now + CAST(:seconds AS double precision), 0, clock.now FROM clock
+ON CONFLICT (key) DO UPDATE SET
+    paused_until = greatest(b.paused_until, EXCLUDED.paused_until),
+    checked_at = EXCLUDED.checked_at"""
+)
+_PRUNE_RATE_BUDGETS = text(
+    "DELETE FROM rate_budgets WHERE greatest(tat, paused_until) "
+    "< extract(epoch FROM clock_timestamp())::double precision - CAST(:idle AS double precision)"
+)
 
 
 def _advisory_key(conversation_id: int) -> int:

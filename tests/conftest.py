@@ -93,7 +93,13 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
     async with store.engine.begin() as conn:
         from sqlalchemy import text
 
-        for table in ("messages", "conversations", "channel_settings", "processed_events"):
+        for table in (
+            "messages",
+            "conversations",
+            "channel_settings",
+            "processed_events",
+            "rate_budgets",
+        ):
             await conn.execute(text(f"DROP TABLE IF EXISTS {table} CASCADE"))
         await conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
     await store.close()

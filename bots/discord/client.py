@@ -33,7 +33,7 @@ from core.config import Settings
 from core.conversation import ChatMessage, ConversationKey, IncomingMessage
 from core.engine import ChatEngine
 from core.errors import ThreadbotError
-from core.ratelimit import Budgets
+from core.ratelimit import Budgets, budgets_for
 from core.streaming import ReplyStreamer
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ class ThreadbotClient(discord.Client):
 
         self.settings = settings
         self.engine = engine
-        self.budgets = budgets or Budgets()
+        self.budgets = budgets or budgets_for(settings, engine.store)
         self.defer_after = defer_after
         self.announce = announce or (lambda line: log.info("%s", line))
         super().__init__(
@@ -191,6 +191,7 @@ class ThreadbotClient(discord.Client):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await super().close()
+        await self.budgets.aclose()
 
     def _spawn(self, coro: Any, name: str) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=name)

@@ -46,7 +46,7 @@ from core.config import Settings
 from core.conversation import ChatMessage, ConversationKey, IncomingMessage
 from core.engine import ChatEngine
 from core.errors import ConfigError
-from core.ratelimit import Budgets
+from core.ratelimit import Budgets, budgets_for
 from core.streaming import (
     EMPTY_ANSWER_TEXT,
     RETRACTED_TEXT,
@@ -146,7 +146,7 @@ class SlackBot:
                 setting="SLACK_SIGNING_SECRET",
             )
         self.client = client or build_client(settings)
-        self.budgets = budgets or Budgets()
+        self.budgets = budgets or budgets_for(settings, engine.store)
         self.rate_scale = rate_scale
         self.command_ack_budget = command_ack_budget
         self.bot_user_id = ""
@@ -240,6 +240,7 @@ class SlackBot:
             task.cancel()
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=10)
+        await self.budgets.aclose()
 
     async def drain(self) -> None:
         """Wait until every event accepted so far has been answered (tests, benchmarks)."""
