@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from core.errors import (
     PermanentSurfaceError,
@@ -21,7 +21,7 @@ from core.errors import (
     TransientSurfaceError,
 )
 from core.ratelimit import Budgets
-from core.reply import ReplySurface
+from core.reply import RateScope, ReplySurface
 from core.splitting import Splitter, fence_at_end
 
 #: ``PermanentSurfaceError.code`` values meaning "this platform/channel cannot stream natively":
@@ -187,12 +187,17 @@ class ReplyStreamer:
         self._splitter = Splitter(
             lambda markdown: len(surface.render(markdown)) <= surface.max_chars
         )
-        self._raw = ""
+        # The answer's deltas, joined only when the pump needs the text: ``+=`` on an attribute
+        # copies the whole text per token (10 s of CPU for a 100,000-token answer).
+        self._parts: list[str] = []
         self._notice: str | None = None
         self._note: str | None = None
         self._phase = _STREAMING
         self._messages: list[_Message] = []
         self._wake = asyncio.Event()
+        # Set when the next call may change kind (a retry, the end of the answer): a reply
+        # queued for a budget then plans again instead of waiting its turn for a stale call.
+        self._replan = asyncio.Event()
         self._pump_task: asyncio.Task[None] | None = None
         self._failures = 0
         self._gave_up = False
@@ -213,16 +218,17 @@ class ReplyStreamer:
         if not delta or self._phase != _STREAMING:
             return
         self._notice = None
-        self._raw += delta
+        self._parts.append(delta)
         self._wake.set()
 
     async def retrying(self, notice: str) -> None:
         """Drop the partial answer (the next attempt replaces it) and show ``notice``."""
         if self._phase != _STREAMING:
             return
-        self._raw = ""
+        self._parts.clear()
         self._notice = notice
         self._splitter.reset()
+        self._replan.set()
         self._wake.set()
 
     async def finish(self) -> list[str]:
@@ -242,7 +248,9 @@ class ReplyStreamer:
     @property
     def text(self) -> str:
         """The generated text of the current attempt, exactly as written."""
-        return self._raw
+        if len(self._parts) > 1:
+            self._parts[:] = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
 
     @property
     def delivered(self) -> bool:
@@ -260,6 +268,7 @@ class ReplyStreamer:
         if self._phase == _STREAMING:
             self._phase = phase
             self._note = note
+        self._replan.set()
         self._wake.set()
         if self._pump_task is None:
             self._pump_task = asyncio.create_task(self._pump())
@@ -272,9 +281,9 @@ class ReplyStreamer:
 
     def _content(self) -> str:
         """The Markdown the reply should hold now (without indicator)."""
+        raw = self.text
         if self._note is None:
-            return self._raw
-        raw = self._raw
+            return raw
         if raw == "":
             return self._note
         # Close a code block the partial answer left open, so the note is not shown as code.
@@ -338,9 +347,11 @@ class ReplyStreamer:
 
     async def _pump(self) -> None:
         try:
-            if self._append is None and self._phase == _STREAMING and not self._raw:
+            if self._append is None and self._phase == _STREAMING and not self._parts:
                 self._typing = await self._show_typing()
             while True:
+                # Cleared before planning, so a change from now on interrupts a budget wait.
+                self._replan.clear()
                 plan = self._plan()
                 if plan is None:
                     if self._phase != _STREAMING:
@@ -387,7 +398,7 @@ class ReplyStreamer:
             self._log_context or "(no context)",
             reason,
             self.calls,
-            len(self._raw),
+            len(self.text),
         )
 
     async def _step(self, kind: str, index: int) -> bool:
@@ -397,7 +408,9 @@ class ReplyStreamer:
         transient = 0
         limited = 0
         while True:
-            await self._budgets.acquire(scopes)
+            if not await self._granted(scopes, kind, index):
+                # The plan changed while we queued: nothing was spent, plan again.
+                return True
             if self._plan() != (kind, index):
                 # The text moved on while we waited (e.g. a retry); plan again from scratch.
                 return True
@@ -423,6 +436,42 @@ class ReplyStreamer:
                 await self._sleep(min(self._retry_cap, self._retry_base * 2 ** (transient - 1)))
             else:
                 return True
+
+    async def _granted(self, scopes: tuple[RateScope, ...], kind: str, index: int) -> bool:
+        """Wait for one call in every scope; False if the plan changed first.
+
+        The wait races the budget against ``_replan``: when the answer completes (a ``start``
+        queued on Slack's Tier 2 budget becomes a plain ``post`` of the final text, an
+        ``append`` becomes the ``stop`` that carries the rest) or is retried, the reply leaves
+        the queue at once instead of waiting its turn for a call it no longer needs; the
+        cancelled acquire leaves the budget's queue without spending its token. Deltas alone
+        do not interrupt: planning joins and splits the text, too costly to do per token, and
+        a call's turn re-checks the plan anyway.
+        """
+        acquire = asyncio.ensure_future(self._budgets.acquire(scopes))
+        replanned: asyncio.Task[Literal[True]] | None = None
+        try:
+            while True:
+                if self._replan.is_set():
+                    self._replan.clear()
+                    if self._plan() != (kind, index):
+                        return False
+                replanned = asyncio.ensure_future(self._replan.wait())
+                await asyncio.wait((acquire, replanned), return_when=asyncio.FIRST_COMPLETED)
+                replanned.cancel()
+                if acquire.done():
+                    acquire.result()
+                    return True
+        finally:
+            if replanned is not None:
+                replanned.cancel()
+            if not acquire.done():
+                acquire.cancel()
+                # Let the acquire leave the budget's queue before the next call queues.
+                await asyncio.wait((acquire,))
+            if not acquire.cancelled():
+                # Retrieved (a granted token is spent either way; an error is raised above).
+                acquire.exception()
 
     async def _call(self, kind: str, index: int, target: _Target) -> None:
         surface = self._surface

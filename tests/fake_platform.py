@@ -197,17 +197,26 @@ class FakeAppendSurface(FakeSurface):
         refuse: str | None = None,
         lifetime: float = 300.0,
         stream_scopes: tuple[RateScope, ...] = (RateScope("stream", 2.0, 5),),
+        start_scopes: tuple[RateScope, ...] | None = None,
+        append_scopes: tuple[RateScope, ...] | None = None,
+        stop_scopes: tuple[RateScope, ...] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(platform, **kwargs)
         self.refuse = refuse
         self.lifetime = lifetime
-        self._stream_scopes = stream_scopes
+        # One scope for every stream call unless a call has its own (Slack: Tier 2 start and
+        # stop, Tier 4 append, each its own method limit).
+        self._stream_scopes = {
+            "start": start_scopes or stream_scopes,
+            "append": append_scopes or stream_scopes,
+            "stop": stop_scopes or stream_scopes,
+        }
         self.live: dict[str, float] = {}
 
     def scopes(self, call: str) -> tuple[RateScope, ...]:
-        if call in ("start", "append", "stop"):
-            return self._stream_scopes
+        if call in self._stream_scopes:
+            return self._stream_scopes[call]
         return super().scopes(call)
 
     def _alive(self, message_id: str) -> None:

@@ -356,6 +356,79 @@ def test_an_old_native_stream_is_stopped_and_continued_with_edits() -> None:
     assert calls.get("stop") == 1 and calls.get("edit", 0) >= 2
 
 
+#: Slack's chat.startStream / chat.stopStream: Tier 2, about 20 calls a minute per workspace.
+TIER_2 = 20 / 60
+
+
+def landed(platform: Platform, surface: FakeSurface) -> float:
+    """When the last of ``surface``'s messages first showed its final text."""
+    return max(
+        min(t for t, mid, text in platform.log if mid == message and text == platform.texts[mid])
+        for message in surface.posted
+    )
+
+
+def test_replies_queued_for_a_native_stream_post_the_answer_once_it_is_complete() -> None:
+    async def main() -> tuple[list[float], list[list[str]], dict[str, int], float]:
+        loop = asyncio.get_running_loop()
+        platform = Platform(latency=LATENCY)
+        budgets = Budgets(now=loop.time)
+
+        def surface(n: int) -> FakeAppendSurface:
+            return FakeAppendSurface(
+                platform,
+                post_scopes=(RateScope(f"post:{n}", 1.0, 1),),
+                start_scopes=(RateScope("start", TIER_2, 1),),
+                stop_scopes=(RateScope("stop", TIER_2, 1),),
+                append_scopes=(RateScope("append", 100 / 60, 5),),
+            )
+
+        async def one(surface: FakeAppendSurface, at: float) -> float:
+            await asyncio.sleep(at - loop.time())
+            streamer = streamer_for(surface, budgets)
+            await streamer.begin()
+            await feed(streamer, words(20))
+            last_token = loop.time()
+            await streamer.finish()
+            return landed(platform, surface) - last_token
+
+        surfaces = [surface(n) for n in range(6)]
+        lags = await asyncio.gather(*(one(s, 0.0) for s in surfaces))
+        # One stream start went out in the first three seconds, so one is available again.
+        late = surface(6)
+        await one(late, 3.0)
+        late_first_shown = min(t for t, mid, _ in platform.log if mid in late.posted)
+        return lags, [s.messages() for s in surfaces], platform.calls, late_first_shown
+
+    lags, shown, calls, late_first_shown = run_virtual(main())
+    assert shown == [["".join(words(20))]] * 6
+    # Five replies found the stream budget taken: each posted its complete answer as soon as it
+    # was done, instead of waiting up to 15 s for a Tier 2 start it no longer needed.
+    assert max(lags) <= 2 * LATENCY
+    assert calls["start"] == 2 and calls["post"] == 5
+    # And they gave their places in the queue up without spending the budget.
+    assert late_first_shown <= 3.0 + LATENCY
+
+
+def test_a_reply_waiting_to_append_when_the_answer_completes_stops_at_once() -> None:
+    async def main() -> tuple[list[str], dict[str, int], float]:
+        loop = asyncio.get_running_loop()
+        platform = Platform(latency=LATENCY)
+        surface = FakeAppendSurface(platform, append_scopes=(RateScope("append", 0.2, 1),))
+        streamer = streamer_for(surface)
+        await streamer.begin()
+        await feed(streamer, words(20))
+        last_token = loop.time()
+        await streamer.finish()
+        return surface.messages(), platform.calls, landed(platform, surface) - last_token
+
+    shown, calls, lag = run_virtual(main())
+    assert shown == ["".join(words(20))]
+    # The second append's turn was 5 s away; the stop carried the rest of the text instead.
+    assert calls == {"start": 1, "append": 1, "stop": 1}
+    assert lag <= 2 * LATENCY
+
+
 # -- property: whatever happens on the way, the final messages are the text -------------------
 
 FENCE_OPEN = "```"
