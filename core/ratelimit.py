@@ -28,7 +28,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from core.errors import ConfigError
 from core.reply import RateScope
@@ -44,6 +44,7 @@ Clock = Callable[[], float]
 # Float slack: a refill computed as 0.9999999999 tokens is a token (else a 1e-17 s sleep loops).
 _EPSILON = 1e-9
 Sleeper = Callable[[float], Awaitable[None]]
+T = TypeVar("T")
 
 #: Longest a shared limiter may take to answer before the call is paced in the process only.
 SHARED_CALL_TIMEOUT_SECONDS = 2.0
@@ -222,7 +223,12 @@ _SHARED_EPSILON = 1e-6
 
 
 class _SharedPacing:
-    """A ``SharedLimiter`` that never raises: failures pace in the process, logged once."""
+    """A ``SharedLimiter`` that never raises: failures pace in the process, logged once.
+
+    Every backend call runs in its own task, bounded by ``SHARED_CALL_TIMEOUT_SECONDS``: a
+    caller cancelled meanwhile (the streamer re-plans a queued call) leaves it to finish rather
+    than cancelling a Redis command or SQL statement halfway, which can spoil the connection.
+    """
 
     def __init__(self, limiter: SharedLimiter, *, now: Clock) -> None:
         self.limiter = limiter
@@ -230,22 +236,39 @@ class _SharedPacing:
         self._skip_until = -math.inf
         self._outage = False
         self.closed = False
-        self._pending: set[asyncio.Task[None]] = set()
+        self._pending: set[asyncio.Future[Any]] = set()
 
     def _usable(self) -> bool:
         return not self.closed and self._now() >= self._skip_until
+
+    def _start(self, call: Awaitable[T]) -> asyncio.Future[T]:
+        async def bounded() -> T:
+            async with asyncio.timeout(SHARED_CALL_TIMEOUT_SECONDS):
+                return await call
+
+        task = asyncio.ensure_future(bounded())
+        self._pending.add(task)
+        task.add_done_callback(self._settled)
+        return task
+
+    def _settled(self, task: asyncio.Future[Any]) -> None:
+        self._pending.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()  # also marks it retrieved when nobody awaits the task
+        if isinstance(error, Exception):
+            self._failed(error)
+        elif error is None:
+            self._answered()
 
     async def take(self, key: str, per_second: float, burst: int) -> float:
         """Seconds to wait before asking again; 0 when the call may go (or the backend failed)."""
         if not self._usable():
             return 0.0
         try:
-            async with asyncio.timeout(SHARED_CALL_TIMEOUT_SECONDS):
-                wait = await self.limiter.take(key, per_second, burst)
-        except Exception as error:
-            self._failed(error)
-            return 0.0
-        self._answered()
+            wait = await asyncio.shield(self._start(self.limiter.take(key, per_second, burst)))
+        except Exception:
+            return 0.0  # logged by _settled
         # NaN or a negative answer is no reason to stop a reply.
         return wait if wait > _SHARED_EPSILON and math.isfinite(wait) else 0.0
 
@@ -254,23 +277,13 @@ class _SharedPacing:
         if not self._usable():
             return
         try:
-            task = asyncio.get_running_loop().create_task(self._pause(key, seconds))
+            asyncio.get_running_loop()
         except RuntimeError:
             return  # no event loop: nothing to share with
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    async def _pause(self, key: str, seconds: float) -> None:
-        try:
-            async with asyncio.timeout(SHARED_CALL_TIMEOUT_SECONDS):
-                await self.limiter.pause(key, seconds)
-        except Exception as error:
-            self._failed(error)
-        else:
-            self._answered()
+        self._start(self.limiter.pause(key, seconds))
 
     async def flush(self) -> None:
-        """Wait until every pause handed over so far has reached the backend (or failed)."""
+        """Wait until every backend call started so far has finished (each is bounded)."""
         while self._pending:
             await asyncio.wait(list(self._pending))
 

@@ -282,13 +282,17 @@ class FlakyLimiter:
     def __init__(self) -> None:
         self.down = False
         self.hung = False
+        self.slow = 0.0
         self.takes = 0
+        self.answered = 0
         self.closed = False
 
     async def take(self, key: str, per_second: float, burst: int) -> float:
         self.takes += 1
         if self.hung:
             await asyncio.Event().wait()
+        await asyncio.sleep(self.slow)
+        self.answered += 1
         if self.down:
             raise ConnectionError("connection refused")
         return 0.0
@@ -339,6 +343,28 @@ def test_each_outage_is_warned_once_and_a_hung_backend_times_out(
     gaps = [round(b - a - SHARED_RETRY_SECONDS, 6) for a, b in itertools.pairwise(times)]
     assert gaps == [0, 0, 0, SHARED_CALL_TIMEOUT_SECONDS, SHARED_CALL_TIMEOUT_SECONDS, 0]
     assert limiter.closed
+
+
+def test_a_cancelled_caller_lets_the_backend_call_finish() -> None:
+    limiter = FlakyLimiter()
+    limiter.slow = 1.0
+
+    async def main() -> None:
+        budgets = Budgets(now=asyncio.get_running_loop().time, shared=limiter)
+        scope = RateScope("slow", 10.0, 1)
+        waiter = asyncio.create_task(budgets.acquire([scope]))
+        await asyncio.sleep(0.5)
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        # The caller left the queue at once; the command it sent still ran to its end, so a
+        # Redis or database connection is never left halfway through one.
+        budget = budgets.get("slow")
+        assert budget is not None and budget.waiting == 0 and budget.granted == 0
+        assert limiter.answered == 0
+        await budgets.flush()
+        assert limiter.answered == 1
+
+    run_virtual(main())
 
 
 async def test_budgets_for_picks_redis_then_postgres_then_the_process(
