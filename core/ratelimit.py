@@ -46,6 +46,8 @@ _EPSILON = 1e-9
 Sleeper = Callable[[float], Awaitable[None]]
 T = TypeVar("T")
 
+# A wait of a microsecond from a shared limiter is no wait (clock resolution of the backends).
+_SHARED_EPSILON = 1e-6
 #: Longest a shared limiter may take to answer before the call is paced in the process only.
 SHARED_CALL_TIMEOUT_SECONDS = 2.0
 #: After a shared limiter failed, how long calls skip it before asking it again.
@@ -216,10 +218,6 @@ class RedisLimiter:
 
     async def aclose(self) -> None:
         await self.client.aclose()
-
-
-# A wait of a microsecond from a shared limiter is no wait (clock resolution of the backends).
-_SHARED_EPSILON = 1e-6
 
 
 class _SharedPacing:
@@ -515,7 +513,7 @@ class Budgets:
             self._shared.pause(key, reset_after)
 
     async def flush(self) -> None:
-        """Wait until every pause so far has reached the shared limiter (tests, shutdown)."""
+        """Wait until every call to the shared limiter so far has finished (tests, shutdown)."""
         if self._shared is not None:
             await self._shared.flush()
 
