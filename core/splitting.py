@@ -4,8 +4,11 @@ A cut goes, in order of preference, at a paragraph break, a line break, a space,
 resort inside a word; cuts in the second half of the allowed length are preferred so messages stay
 full. A cut inside a fenced code block closes the fence at the end of the message and reopens it
 with the same opening line (same fence and info string) at the start of the next one, so every
-message renders on its own. Cuts are decided once and kept (``Splitter``) so a message that was
-completed is never changed by text that arrives later.
+message renders on its own. An opening line too long to repeat (more than about half a message)
+is reopened as the bare fence instead; one longer than a whole message is cut like any over-long
+line, and the message it starts in closes the block it opens, so fences balance in every message.
+Cuts are decided once and kept (``Splitter``) so a message that was completed is never changed by
+text that arrives later.
 """
 
 from __future__ import annotations
@@ -29,13 +32,26 @@ class Fence:
     length: int
 
     @property
-    def reopen(self) -> str:
-        """The text that reopens this block at the start of the next message."""
-        return self.line + "\n"
+    def marker(self) -> str:
+        """The bare fence: the marker characters, without indent or info string."""
+        return self.char * self.length
+
+    def reopen(self, fits: Callable[[str], bool]) -> str:
+        """The text that reopens this block at the start of the next message.
+
+        The opening line, so the next message keeps the info string (the language), unless the
+        line would take more than about half a message (``fits`` says whether a message's
+        Markdown is within the limit): then the bare fence, so a message always has room for
+        the block's text.
+        """
+        line = self.line + "\n"
+        if self.line != self.marker and not fits(line + line + self.marker):
+            return self.marker + "\n"
+        return line
 
     def close(self, body: str) -> str:
         """The text that closes this block after ``body``."""
-        return ("" if body.endswith("\n") or body == "" else "\n") + self.char * self.length
+        return ("" if body.endswith("\n") or body == "" else "\n") + self.marker
 
 
 def fence_after_line(line: str, fence: Fence | None) -> Fence | None:
@@ -60,6 +76,24 @@ def fence_at_end(text: str, fence: Fence | None = None) -> Fence | None:
     for line in lines[:-1]:
         fence = fence_after_line(line, fence)
     return fence
+
+
+def fence_at_cut(text: str, start: int, cut: int, fence: Fence | None) -> Fence | None:
+    """The fence open at the end of a message holding ``text[start:cut]`` after ``fence``.
+
+    A cut inside a line makes the line's first part the message's last line, so it counts: an
+    opening fence cut off there (an info string longer than a message) opens a block the message
+    must close. The next message then reopens it with the bare fence, since the info string was
+    shown already and the rest of the line continues inside the block.
+    """
+    state = fence_at_end(text[start:cut], fence)
+    line_start = text.rfind("\n", start, cut) + 1 or start
+    if line_start == cut:
+        return state
+    after = fence_after_line(text[line_start:cut], state)
+    if state is None and after is not None:
+        return Fence(line=after.marker, char=after.char, length=after.length)
+    return after
 
 
 def _looks_like_fence(text: str, line_start: int) -> bool:
@@ -102,7 +136,7 @@ def cut_chunk(
     ``fence`` is the block open at ``start`` (reopened by this message); ``fits(markdown)`` says
     whether a message's Markdown is within the platform's limit once rendered.
     """
-    prefix = fence.reopen if fence is not None else ""
+    prefix = fence.reopen(fits) if fence is not None else ""
     if fits(prefix + text[start:]):
         return None
     # Scan the text line by line, noting every cut position with its tier and open fence.
@@ -143,7 +177,7 @@ def cut_chunk(
     low, high = start + 1, length
     while low < high:
         mid = (low + high + 1) // 2
-        if fits(chunk_at(mid, fence_at_end(text[start:mid], fence)).message(text)):
+        if fits(chunk_at(mid, fence_at_cut(text, start, mid, fence)).message(text)):
             low = mid
         else:
             high = mid - 1
@@ -159,7 +193,7 @@ def cut_chunk(
                 if fits(chunk.message(text)):
                     return chunk
     # No boundary fits: cut inside the word (or the over-long line) at the longest prefix.
-    return chunk_at(longest, fence_at_end(text[start:longest], fence))
+    return chunk_at(longest, fence_at_cut(text, start, longest, fence))
 
 
 class Splitter:
@@ -188,7 +222,7 @@ class Splitter:
                 return list(self._settled)
             chunk = cut_chunk(text, start, fence, self._fits)
             if chunk is None:
-                prefix = fence.reopen if fence is not None else ""
+                prefix = fence.reopen(self._fits) if fence is not None else ""
                 return [*self._settled, Chunk(start, len(text), prefix, "", None)]
             self._settled.append(chunk)
 

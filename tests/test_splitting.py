@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.splitting import Splitter, cut_chunk, fence_at_end
+from core.splitting import Fence, Splitter, cut_chunk, fence_at_cut, fence_at_end
 
 
 def fits_in(limit: int):  # type: ignore[no-untyped-def]
@@ -89,3 +89,51 @@ def test_cuts_are_kept_as_text_grows() -> None:
 
 def test_cut_chunk_returns_none_when_everything_fits() -> None:
     assert cut_chunk("abc", 0, None, fits_in(10)) is None
+
+
+def test_an_opening_line_longer_than_a_message_is_cut_and_its_block_closed() -> None:
+    info = "python title=" + "x" * 100
+    text = f"Intro.\n\n```{info}\nprint(1)\n```\nAfter."
+    parts = messages(text, 60)
+    # The line is cut like any over-long line; the message it starts in closes the block it
+    # opens, and the rest of the line continues in a block reopened with the bare fence.
+    assert parts == [
+        "Intro.\n\n",
+        "```python title=" + "x" * 40 + "\n```",
+        "```\n" + "x" * 52 + "\n```",
+        "```\n" + "x" * 8 + "\nprint(1)\n```\nAfter.",
+    ]
+    assert all(fence_at_end(part + "\n") is None for part in parts)
+
+
+def test_a_long_opening_line_is_reopened_as_the_bare_fence() -> None:
+    opening = "```python title=" + "y" * 30  # more than half of a 60-character message
+    text = opening + "\n" + "".join(f"line {n}\n" for n in range(10)) + "```"
+    parts = messages(text, 60)
+    assert parts[0] == opening + "\nline 0\n```"
+    assert all(part.startswith("```\nline ") for part in parts[1:])
+    assert all(len(part) <= 60 and fence_at_end(part + "\n") is None for part in parts)
+    # Every cut is at a line break: each message but the last ends with a close after a newline.
+    body = parts[0].removesuffix("```") + "".join(
+        part.removeprefix("```\n").removesuffix("```") for part in parts[1:-1]
+    )
+    assert body + parts[-1].removeprefix("```\n") == text
+
+
+def test_an_opening_line_that_nearly_fills_a_message_leaves_every_message_within_the_limit() -> (
+    None
+):
+    # 57 characters: with its newline and a closing fence it no longer fits in 60.
+    opening = "```python title=" + "y" * 41
+    text = opening + "\n" + "".join(f"line {n}\n" for n in range(10)) + "```"
+    parts = messages(text, 60)
+    assert all(len(part) <= 60 and fence_at_end(part + "\n") is None for part in parts)
+    assert parts[0] == opening[:-1] + "\n```"
+    assert parts[1].startswith("```\ny\nline 0\n")
+
+
+def test_a_cut_inside_a_line_that_is_not_a_fence_adds_no_fence() -> None:
+    parts = messages("a" * 25, 10)
+    assert all("`" not in part for part in parts)
+    assert fence_at_cut("```" + "a" * 20, 0, 10, None) == Fence("```", "`", 3)
+    assert fence_at_cut("``" + "a" * 20, 0, 10, None) is None

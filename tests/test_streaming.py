@@ -443,33 +443,48 @@ def open_fence_line(text: str) -> str | None:
     return opening
 
 
+def open_block(text: str) -> str | None:
+    """The opening line of the ``` block open at the end of a message ending with ``text``: the
+    complete lines decide, and a last partial line that opens a block counts (test-local)."""
+    opening = open_fence_line(text)
+    last = text.split("\n")[-1]
+    if opening is None and last.startswith(FENCE_OPEN):
+        return last
+    return opening
+
+
 def reassemble(messages: list[str], text: str, out: str = "") -> str | None:
     """Undo the splitter's close/reopen of code blocks; None if ``messages`` are not ``text``.
 
     A message may end with a close the splitter added (then the text is inside a code block
-    there, and the next message starts with that block's opening line); the ways to read a
-    message's end are tried in turn against the text.
+    there, and the next message starts by reopening that block: with its opening line, or with
+    the bare fence when that line is long or was cut in two); the ways to read a message's ends
+    are tried in turn against the text.
     """
     if not messages:
         return out if out == text else None
     message, rest = messages[0], messages[1:]
+    bodies = [message]
     if out:
         opening = open_fence_line(out)
-        if opening is not None:
-            if not message.startswith(opening + "\n"):
-                return None
-            message = message[len(opening) + 1 :]
-    options = [(message, False)]
-    if rest and message.endswith("```"):
-        options.append((message[:-3], True))
-    if rest and message.endswith("\n```"):
-        options.append((message[:-4], True))
-    for body, closed in options:
-        inside = open_fence_line(out + body) is not None
-        if text.startswith(out + body) and (not rest or inside == closed):
-            found = reassemble(rest, text, out + body)
-            if found is not None:
-                return found
+        if opening is None and open_block(out) is not None:
+            reopens = [FENCE_OPEN]  # the previous message ended inside the opening line
+        else:
+            reopens = list(dict.fromkeys([FENCE_OPEN, opening])) if opening is not None else []
+        if reopens:
+            bodies = [message[len(r) + 1 :] for r in reopens if message.startswith(r + "\n")]
+    for body in bodies:
+        options = [(body, False)]
+        if rest and body.endswith("```"):
+            options.append((body[:-3], True))
+        if rest and body.endswith("\n```"):
+            options.append((body[:-4], True))
+        for part, closed in options:
+            inside = open_block(out + part) is not None
+            if text.startswith(out + part) and (not rest or inside == closed):
+                found = reassemble(rest, text, out + part)
+                if found is not None:
+                    return found
     return None
 
 
@@ -482,7 +497,9 @@ word = st.sampled_from(
 ) | st.integers(min_value=30, max_value=90).map(lambda size: "x" * size)
 line = st.lists(word, min_size=1, max_size=6).map(" ".join)
 paragraph = st.lists(line, min_size=1, max_size=3).map("\n".join)
-code = st.tuples(st.sampled_from(["", "py", "js"]), st.lists(line, max_size=4)).map(
+# Info strings up to several hundred characters: longer than a whole message at small limits.
+info = st.sampled_from(["", "py", "js"]) | line.map(lambda words: "py title=" + words)
+code = st.tuples(info, st.lists(line, max_size=4)).map(
     lambda parts: "```" + parts[0] + "\n" + "".join(f"    {row}\n" for row in parts[1]) + "```"
 )
 document = st.lists(st.one_of(paragraph, code), min_size=1, max_size=5).map("\n\n".join)
