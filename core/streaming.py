@@ -140,7 +140,8 @@ class ReplyStreamer:
     platform call at a time, each through the shared ``Budgets`` of the call's scopes, and sends
     the freshest text when its turn comes (so tokens that arrive meanwhile coalesce). A 429 pauses
     the scope for its Retry-After; transient errors are retried with backoff, a bounded number of
-    times. ``finish`` waits until the exact final text is shown everywhere (indicator gone) and
+    times. A reply queued for a budget plans again when its answer completes or is retried, so
+    it never holds a place in a slow queue for a call it no longer needs. ``finish`` waits until the exact final text is shown everywhere (indicator gone) and
     returns the message ids; if the platform stays down it logs the failure with ``log_context``
     and returns what exists, so the engine still stores the full text (``text``).
 
@@ -443,8 +444,9 @@ class ReplyStreamer:
         The wait races the budget against ``_replan``: when the answer completes (a ``start``
         queued on Slack's Tier 2 budget becomes a plain ``post`` of the final text, an
         ``append`` becomes the ``stop`` that carries the rest) or is retried, the reply leaves
-        the queue at once instead of waiting its turn for a call it no longer needs; the
-        cancelled acquire leaves the budget's queue without spending its token. Deltas alone
+        the queue at once instead of waiting its turn for a call it no longer needs: the
+        cancelled acquire leaves the budget's queue without taking the token it waited for
+        (``Budget.acquire`` cleans up on cancellation). Deltas alone
         do not interrupt: planning joins and splits the text, too costly to do per token, and
         a call's turn re-checks the plan anyway.
         """
@@ -470,7 +472,8 @@ class ReplyStreamer:
                 # Let the acquire leave the budget's queue before the next call queues.
                 await asyncio.wait((acquire,))
             if not acquire.cancelled():
-                # Retrieved (a granted token is spent either way; an error is raised above).
+                # Mark the outcome retrieved: a token granted at the last moment is simply unused,
+                # and an error was raised above.
                 acquire.exception()
 
     async def _call(self, kind: str, index: int, target: _Target) -> None:

@@ -356,6 +356,29 @@ def test_an_old_native_stream_is_stopped_and_continued_with_edits() -> None:
     assert calls.get("stop") == 1 and calls.get("edit", 0) >= 2
 
 
+def test_a_retry_while_waiting_to_append_replaces_the_text_without_waiting() -> None:
+    async def main() -> tuple[list[str], dict[str, int], float]:
+        loop = asyncio.get_running_loop()
+        platform = Platform(latency=LATENCY)
+        surface = FakeAppendSurface(platform, append_scopes=(RateScope("append", 0.2, 1),))
+        streamer = streamer_for(surface)
+        await streamer.begin()
+        await feed(streamer, words(20))
+        retried_at = loop.time()
+        await streamer.retrying("_retrying…_")
+        await asyncio.sleep(1.0)
+        notice_at = min((t for t, _, text in platform.log if text == "_retrying…_"), default=1e9)
+        await feed(streamer, ["second ", "try"])
+        await streamer.finish()
+        return surface.messages(), platform.calls, notice_at - retried_at
+
+    shown, calls, notice_lag = run_virtual(main())
+    assert shown == ["second try"]
+    # The queued append was given up: the stream was stopped and the notice shown at once.
+    assert calls["append"] == 1
+    assert notice_lag <= 3 * LATENCY
+
+
 #: Slack's chat.startStream / chat.stopStream: Tier 2, about 20 calls a minute per workspace.
 TIER_2 = 20 / 60
 
