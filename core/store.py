@@ -41,6 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from core.conversation import ChatMessage, ConversationKey, Role
+from core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -259,13 +260,36 @@ class ConversationStore:
             ":memory:",
         ):
             # Once, at start-up, before any connection exists: blocking is harmless here.
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
+            folder = Path(parsed.database).expanduser().parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise ConfigError(
+                    f"cannot create the folder {folder} for the SQLite database ({error.strerror}); "
+                    "check DATABASE_URL",
+                    setting="DATABASE_URL",
+                ) from error
         engine = create_async_engine(url, **kwargs)
         if engine.dialect.name == "sqlite":
             event.listen(engine.sync_engine, "connect", _set_sqlite_pragmas)
         store = cls(engine)
-        if migrate:
-            await store.migrate()
+        try:
+            if migrate:
+                await store.migrate()
+            else:
+                async with engine.connect():
+                    pass
+        except Exception as error:
+            await engine.dispose()
+            # An operator's mistake (wrong host, missing database, unwritable file) should read
+            # as one line naming the setting, not as a driver's traceback.
+            where = parsed.render_as_string(hide_password=True)
+            # SQLAlchemy wraps the driver's error and appends a help link: the driver's says it.
+            reason = " ".join(str(getattr(error, "orig", None) or error).split())
+            raise ConfigError(
+                f"cannot open the database {where} ({reason}); check DATABASE_URL",
+                setting="DATABASE_URL",
+            ) from error
         return store
 
     async def migrate(self) -> None:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from core.conversation import ChatMessage, ConversationKey
+from core.errors import ConfigError
 from core.store import ConversationStore
 
 KEY = ConversationKey("slack", "T1", "C1", "1700000000.000100")
@@ -160,3 +161,17 @@ async def test_window_of_a_long_conversation_reads_only_its_rows(db: Conversatio
     window = await db.history(conversation, limit=20)
     assert len(window) == 20
     assert window[-1].content == "message 9999" and window[0].content == "message 9980"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+asyncpg://postgres@127.0.0.1:1/nothing_listens_here",
+        "sqlite+aiosqlite:////dev/null/cannot/be/a/folder.db",
+    ],
+)
+async def test_an_unusable_database_is_a_config_error_naming_the_setting(url: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        await ConversationStore.open(url)
+    assert raised.value.setting == "DATABASE_URL"
+    assert "check DATABASE_URL" in str(raised.value) and "\n" not in str(raised.value)
