@@ -260,7 +260,7 @@ class ConversationStore:
             ":memory:",
         ):
             # Once, at start-up, before any connection exists: blocking is harmless here.
-            folder = Path(parsed.database).expanduser().parent
+            folder = Path(parsed.database).expanduser().parent  # noqa: ASYNC240
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as error:
