@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bots.discord.client import MANAGE_CHANNELS_NEEDED
+from bots.discord.client import MANAGE_CHANNELS_FOR_HISTORY, MANAGE_CHANNELS_NEEDED
 from core.config import DEFAULT_SYSTEM_PROMPT
 from tests.wire.discord.harness import running_bot
 from tests.wire.discord.server import FakeDiscord
@@ -137,9 +137,14 @@ async def test_commands_sync_globally_once_then_not_again(tmp_path: Path) -> Non
             assert bot.client.commands_synced is True
         assert fake.requests["PUT commands"] == 1
         names = {c["name"] for c in fake.global_commands}
-        assert names == {"reset", "help", "system"}
+        assert names == {"reset", "help", "system", "history"}
         system = next(c for c in fake.global_commands if c["name"] == "system")
         assert {o["name"] for o in system["options"]} == {"show", "set", "clear"}
+        history = next(c for c in fake.global_commands if c["name"] == "history")
+        set_ = next(o for o in history["options"] if o["name"] == "set")
+        strategy, limit = set_["options"]
+        assert [c["value"] for c in strategy["choices"]] == ["count", "tokens", "summary"]
+        assert (limit["type"], limit["min_value"], limit.get("required", False)) == (4, 1, False)
 
         async with running_bot(tmp_path, fake=fake) as bot:
             assert bot.client.commands_synced is False
@@ -163,6 +168,7 @@ async def test_commands_sync_to_configured_guilds(tmp_path: Path) -> None:
             "reset",
             "help",
             "system",
+            "history",
         }
         assert fake.global_commands == []
         async with running_bot(tmp_path, fake=fake, env=env) as bot:
@@ -170,3 +176,35 @@ async def test_commands_sync_to_configured_guilds(tmp_path: Path) -> None:
         assert fake.requests["PUT commands"] == 1
     finally:
         await fake.close()
+
+
+async def test_history_app_command_sets_the_channel_strategy_with_manage_channels(
+    tmp_path: Path,
+) -> None:
+    async with running_bot(tmp_path) as bot:
+        fake = bot.fake
+        channel = fake.text_channel
+        token = await fake.send_interaction("history", channel, subcommand="show")
+        assert "newest 20 messages" in await _answer(fake, token)
+        options: dict[str, str | int] = {"strategy": "count", "limit": 2}
+        token = await fake.send_interaction("history", channel, subcommand="set", options=options)
+        assert await _answer(fake, token) == MANAGE_CHANNELS_FOR_HISTORY
+        token = await fake.send_interaction(
+            "history", channel, subcommand="set", options=options, permissions=MANAGE_CHANNELS
+        )
+        assert "newest 2 messages" in await _answer(fake, token)
+        # The channel's setting reaches the next conversations' requests.
+        bot.provider.enqueue(["one"], ["two"], ["three"])
+        first = await fake.send_message(channel, "q1")
+        thread_id = int(first["id"])
+        await bot.answered(thread_id, "one")
+        await fake.send_message(thread_id, "q2", mention=False)
+        await bot.answered(thread_id, "two")
+        await fake.send_message(thread_id, "q3", mention=False)
+        await bot.answered(thread_id, "three")
+        assert [m.content for m in bot.provider.requests[-1].messages] == ["q3"]
+        too_big = {"strategy": "count", "limit": 5000}
+        token = await fake.send_interaction(
+            "history", channel, subcommand="set", options=too_big, permissions=MANAGE_CHANNELS
+        )
+        assert "between 1 and 500" in await _answer(fake, token)

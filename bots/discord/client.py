@@ -28,7 +28,7 @@ from discord.gateway import DiscordWebSocket
 
 from bots.discord.attachments import with_attachments
 from bots.discord.surface import DiscordReply
-from core.commands import ChannelTarget, Command
+from core.commands import ChannelTarget, Command, parse_command
 from core.config import Settings
 from core.conversation import ChatMessage, ConversationKey, IncomingMessage
 from core.engine import ChatEngine
@@ -76,6 +76,9 @@ THREAD_TYPES = frozenset(
 MANAGE_CHANNELS_NEEDED = (
     "Changing this channel's default system prompt needs the Manage Channels permission. "
     "Inside a thread, `/system set` changes that thread's conversation only."
+)
+MANAGE_CHANNELS_FOR_HISTORY = (
+    "Changing how much history this channel sends needs the Manage Channels permission."
 )
 COMMAND_FAILED = "Sorry, that command failed. Please try again in a moment."
 SHUTDOWN_NOTE = "Stopped: the bot is restarting. Please ask again in a moment."
@@ -235,6 +238,34 @@ class ThreadbotClient(discord.Client):
 
         tree.add_command(system)
 
+        history = app_commands.Group(
+            name="history", description="How much of a conversation is sent (this channel's)"
+        )
+
+        @history.command(name="show", description="What each request in this channel sends")
+        async def history_show(interaction: discord.Interaction) -> None:
+            await self._run_command(interaction, Command("history_show"))
+
+        @history.command(name="set", description="Choose this channel's history strategy")
+        @app_commands.describe(
+            strategy="count: newest messages; tokens: a token budget; summary: summary + budget",
+            limit="messages for count, tokens for tokens and summary (default: the bot's)",
+        )
+        async def history_set(
+            interaction: discord.Interaction,
+            strategy: Literal["count", "tokens", "summary"],
+            limit: app_commands.Range[int, 1, 1_000_000] | None = None,
+        ) -> None:
+            words = f"history {strategy}" + ("" if limit is None else f" {limit}")
+            # The typed form's parser checks the limit's range for the strategy.
+            await self._run_command(interaction, parse_command(words) or Command("help"))
+
+        @history.command(name="clear", description="Go back to the bot's default history")
+        async def history_clear(interaction: discord.Interaction) -> None:
+            await self._run_command(interaction, Command("history_clear"))
+
+        tree.add_command(history)
+
     async def sync_commands(self) -> bool:
         """Register the commands in DISCORD_COMMAND_GUILDS (instant) or globally, if they changed.
 
@@ -273,13 +304,14 @@ class ThreadbotClient(discord.Client):
 
     async def _run_command(self, interaction: discord.Interaction, command: Command) -> None:
         target = self._command_target(interaction)
-        changes_channel = command.action in ("system_set", "system_clear")
-        if (
-            isinstance(target, ChannelTarget)
-            and changes_channel
-            and not interaction.permissions.manage_channels
-        ):
-            await interaction.response.send_message(MANAGE_CHANNELS_NEEDED, ephemeral=True)
+        changes_channel = command.action in ("system_set", "system_clear") and isinstance(
+            target, ChannelTarget
+        )
+        # History settings always belong to the channel, even when asked from a thread.
+        changes_history = command.action in ("history_set", "history_clear")
+        if (changes_channel or changes_history) and not interaction.permissions.manage_channels:
+            needed = MANAGE_CHANNELS_FOR_HISTORY if changes_history else MANAGE_CHANNELS_NEEDED
+            await interaction.response.send_message(needed, ephemeral=True)
             return
         work = asyncio.ensure_future(self.engine.run_command(command, target))
         deferred = True  # defer_after <= 0: always defer

@@ -641,14 +641,18 @@ class FakeDiscord:
         channel_id: int,
         *,
         subcommand: str | None = None,
-        options: dict[str, str] | None = None,
+        options: dict[str, str | int] | None = None,
         permissions: int = 0,
         user: Json | None = None,
     ) -> str:
         """Dispatch an app command invocation; return its token (key of ``original_edits``)."""
         user = user or self.owner
         channel = self.channels[channel_id]
-        opts = [{"name": k, "type": 3, "value": v} for k, v in (options or {}).items()]
+        # Option types as Discord sends them: 4 INTEGER, 3 STRING.
+        opts = [
+            {"name": k, "type": 4 if isinstance(v, int) else 3, "value": v}
+            for k, v in (options or {}).items()
+        ]
         if subcommand is not None:
             opts = [{"name": subcommand, "type": 1, "options": opts}]
         token = uuid.uuid4().hex
