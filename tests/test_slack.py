@@ -190,6 +190,22 @@ async def test_slash_command_in_a_channel_sets_the_default_for_new_threads(
         assert all(m.thread_ts for m in h.fake.bot_messages(CHANNEL))
 
 
+async def test_slash_command_history_sets_the_channel_window(sqlite_url: str) -> None:
+    async with running_bot(sqlite_url) as h:
+        answer = await h.sender.command("/chatbot", "history count 2")
+        assert answer.json["response_type"] == "ephemeral"
+        assert "newest 2 messages" in answer.json["text"]
+        h.provider.enqueue(["One."], ["Two."])
+        first = h.new_ts()
+        await h.sender.mention("first", ts=first)
+        await h.settle()
+        await h.sender.message("second", ts=h.new_ts(), thread_ts=first)
+        await h.settle()
+        assert [m.content for m in h.provider.requests[-1].messages] == ["second"]
+        wrong = await h.sender.command("/chatbot", "history count many")
+        assert "not a number of messages" in wrong.json["text"]
+
+
 async def test_slash_command_help_and_unknown_words_show_help(sqlite_url: str) -> None:
     async with running_bot(sqlite_url, slack_command="/askbot") as h:
         for text in ("help", "", "what is this"):
