@@ -17,36 +17,14 @@ import logging
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.conversation import ChatMessage, Usage
+from core.conversation import ChatMessage
 from core.providers.offline import OfflineProvider, demo_answer
 from tests.wire.discord.harness import running_bot
 from tests.wire.discord.server import FakeDiscord
-
-
-class TimedProvider(OfflineProvider):
-    """The offline demo answer, remembering when each question's last token went out."""
-
-    last_token: dict[str, float]
-
-    async def stream(
-        self,
-        messages: Sequence[ChatMessage],
-        *,
-        system: str,
-        max_tokens: int,
-        usage: Usage | None = None,
-    ) -> AsyncIterator[str]:
-        question = messages[-1].content
-        async for delta in super().stream(
-            messages, system=system, max_tokens=max_tokens, usage=usage
-        ):
-            yield delta
-            self.last_token[question] = time.monotonic()
 
 
 async def run(replies: int, delay: float, window: float) -> None:
@@ -55,8 +33,7 @@ async def run(replies: int, delay: float, window: float) -> None:
     fake.no_thread_permission.add(fake.text_channel)
     with tempfile.TemporaryDirectory() as tmp:
         async with running_bot(Path(tmp), fake=fake) as bot:
-            provider = TimedProvider(bot.settings, delay=delay)
-            provider.last_token = {}
+            provider = OfflineProvider(bot.settings, delay=delay)
             bot.engine.provider = provider
             questions = [f"concurrent question {i}" for i in range(replies)]
             expected = {q: "".join(demo_answer([ChatMessage("user", q)])) for q in questions}
@@ -77,7 +54,7 @@ async def run(replies: int, delay: float, window: float) -> None:
             for message in fake.bot_messages_in(fake.text_channel):
                 question = by_id[message.reference or 0]
                 final_at = message.times[message.states.index(expected[question])]
-                lags.append((final_at - provider.last_token[question], question))
+                lags.append((final_at - provider.last_token_at[question], question))
     await fake.close()
     slowest, which = max(lags)
     print(

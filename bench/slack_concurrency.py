@@ -16,36 +16,14 @@ import asyncio
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.conversation import ChatMessage, Usage
+from core.conversation import ChatMessage
 from core.providers.offline import OfflineProvider, demo_answer
 from tests.wire.slack import FakeSlack
 from tests.wire.slack.harness import running_bot
-
-
-class TimedProvider(OfflineProvider):
-    """The offline demo answer, remembering when each conversation's last token went out."""
-
-    last_token: dict[str, float]
-
-    async def stream(
-        self,
-        messages: Sequence[ChatMessage],
-        *,
-        system: str,
-        max_tokens: int,
-        usage: Usage | None = None,
-    ) -> AsyncIterator[str]:
-        question = messages[-1].content
-        async for delta in super().stream(
-            messages, system=system, max_tokens=max_tokens, usage=usage
-        ):
-            yield delta
-            self.last_token[question] = time.monotonic()
 
 
 async def run(mode: str, conversations: int, channels: int, scale: float, delay: float) -> None:
@@ -55,8 +33,7 @@ async def run(mode: str, conversations: int, channels: int, scale: float, delay:
             FakeSlack(rate_scale=scale) as fake,
             running_bot(url, streaming=mode, rate_scale=scale, fake=fake) as h,
         ):
-            provider = TimedProvider(h.bot.settings, delay=delay)
-            provider.last_token = {}
+            provider = OfflineProvider(h.bot.settings, delay=delay)
             h.engine.provider = provider
             questions: dict[tuple[str, str], str] = {}
             for n in range(conversations):
@@ -82,7 +59,7 @@ async def run(mode: str, conversations: int, channels: int, scale: float, delay:
                 final_at = max(
                     m.times[m.states.index(m.visible())] for m in replies
                 )  # when the message first showed its final text
-                lags.append(final_at - provider.last_token[text])
+                lags.append(final_at - provider.last_token_at[text])
             calls = {k: v for k, v in sorted(fake.counts.items()) if k != "auth.test"}
             print(
                 f"mode={mode}: {conversations} conversations in {channels} channels, "

@@ -43,6 +43,7 @@ async def test_a_turn_streams_and_stores_both_messages(
     [request] = provider.requests
     assert request.system == engine.settings.system_prompt
     assert request.messages == (ChatMessage("user", "hi"),)
+    assert set(provider.last_token_at) == {"hi"}
 
 
 async def test_history_is_sent_and_capped_without_leading_assistant(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from core.config import Settings
@@ -39,10 +40,20 @@ class OfflineProvider(Provider):
     default_model = "scripted"
     is_offline = True
 
-    def __init__(self, settings: Settings, *, delay: float | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        delay: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__(settings)
         self.delay = settings.offline_delay if delay is None else delay
         self.requests: list[OfflineRequest] = []
+        #: When the last chunk of the answer to each question (the last message) went out, for
+        #: benchmarks that measure how long a platform takes to show the final text.
+        self.last_token_at: dict[str, float] = {}
+        self._clock = clock
         self._scripts: deque[Script] = deque()
 
     @property
@@ -72,6 +83,8 @@ class OfflineProvider(Provider):
             if item:
                 produced.append(item)
                 yield item
+                if messages:
+                    self.last_token_at[messages[-1].content] = self._clock()
         if usage is not None:
             usage.input_tokens = sum(estimate_tokens(m.content) for m in messages)
             usage.input_tokens += estimate_tokens(system)
