@@ -134,7 +134,8 @@ async def run_chat(
         loop.add_signal_handler(signal.SIGINT, on_sigint)
     status = 0
     try:
-        if engine.provider.is_offline:
+        if engine.provider.is_offline and not interactive:
+            # Interactive sessions see it in the banner; piped ones on stderr, out of the answer.
             stderr.write(f"threadbot: {engine.provider.label}\n")
         if interactive:
             stdout.write(
@@ -195,17 +196,7 @@ async def _command(
         if window is None:
             out.write("No messages yet: the next request sends only the system prompt.\n")
         else:
-            summary = (
-                "a summary of older messages is included"
-                if window.summary_included
-                else "no summary"
-            )
-            out.write(
-                f"The next request sends {len(window.messages)} earlier message"
-                f"{'' if len(window.messages) == 1 else 's'} plus yours, about {window.tokens:,} "
-                f"tokens with the system prompt; {summary}.\n"
-                f"  ({window.describe()})\n"
-            )
+            out.write(f"The next request sends your message after {window.describe()}.\n")
         out.flush()
         return True
     command = parse_command(line)

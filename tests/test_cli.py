@@ -74,10 +74,10 @@ def test_slash_commands_in_the_terminal(tmp_path: Path) -> None:
     out = result.stdout
     assert "System prompt for this conversation set to:\n> Be terse." in out
     assert "System prompt (set for this conversation):\n> Be terse." in out
-    assert "The next request sends 2 earlier messages plus yours" in out
+    assert "The next request sends your message after 2 messages; about" in out
     assert "Conversation reset" in out
     assert "No messages yet" not in out  # the conversation exists, it is just empty
-    assert "The next request sends 0 earlier messages plus yours" in out
+    assert "The next request sends your message after 0 messages; about" in out
     assert "/context" in out and "/exit" in out
     assert "Unknown command /bogus" in result.stderr
     assert "never sent" not in out
