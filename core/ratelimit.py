@@ -7,6 +7,10 @@ A ``Budgets`` registry lives for the whole process. Each ``RateScope.key`` (e.g.
 - a FIFO queue of waiting callers, so concurrent replies are served in turn: a reply asks for one
   call at a time and queues again behind the others afterwards, which makes the sharing
   round-robin and starvation-free;
+- urgent callers (a reply landing its final text, which the user is waiting for) queue ahead of
+  the others, in the order they first queued; a queued caller can become urgent without losing
+  its place (``Urgency``). After ``URGENT_STREAK_LIMIT`` urgent calls in a row the oldest
+  ordinary caller goes, so ordinary callers still progress;
 - a pause: a 429 (``pause``) or rate-limit headers saying the bucket is empty (``observe``) stop
   the whole scope until the platform's reset time, for every reply at once.
 
@@ -14,20 +18,22 @@ Clocks are injected (``now``, ``sleep``) so tests and benchmarks run in virtual 
 
 Several processes (Slack HTTP workers behind a load balancer, Discord processes) share the
 platform's limits, so each budget can also take from a ``SharedLimiter``: one GCRA bucket per key
-in Redis (``REDIS_URL``) or PostgreSQL (``DATABASE_URL``), which ``budgets_for`` picks. The FIFO
-turn stays in the process; the shared bucket decides when the head of the queue may go, and a
-429 seen by any process pauses the scope for all. When the shared backend fails, calls are paced
+in Redis (``REDIS_URL``) or PostgreSQL (``DATABASE_URL``), which ``budgets_for`` picks. The turn
+order (FIFO, urgent first) stays in the process; the shared bucket decides when the head of the
+queue may go, and a 429 seen by any process pauses the scope for all. When the shared backend fails, calls are paced
 in the process only (with one warning per outage): the limiter never blocks or fails a reply.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from core.errors import ConfigError
@@ -58,6 +64,14 @@ REDIS_KEY_PREFIX = "threadbot:rate:"
 REDIS_TTL_MARGIN_SECONDS = 60.0
 #: PostgreSQL rows of scopes idle this long are deleted, at most once per this period too.
 STORE_PRUNE_SECONDS = 3600.0
+#: Urgent calls granted in a row while ordinary callers wait, before the oldest of those goes:
+#: final texts jump the queue, yet progress edits keep at least a fifth of a saturated scope.
+URGENT_STREAK_LIMIT = 4
+#: Tokens of a scope's burst that progress calls (intermediate edits) leave for urgent ones (at
+#: most burst - 1): a few replies finishing together land their final texts at once instead of
+#: waiting for the refill after progress edits spent the burst. Progress keeps the sustained
+#: rate. Kept in the process only (the shared bucket is taken with the full burst: see Budget).
+URGENT_RESERVE = 4
 
 
 class SharedLimiter(Protocol):
@@ -308,8 +322,47 @@ class _SharedPacing:
             log.warning("shared rate-limit budgets (%s) answer again", self.limiter.setting)
 
 
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    """One caller queued for a budget; ``turn`` is set while it is the head of the queue."""
+
+    urgent: bool
+    #: When it queued (a per-budget count): the order among urgent callers.
+    number: int
+    #: A progress call: it leaves the budget's reserve for urgent calls (unless escalated).
+    progress: bool = False
+    turn: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Set when it is escalated: a progress head sleeping for the reserve wakes to go sooner.
+    escalated: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Urgency:
+    """Whether a call is urgent, which may become true while the call waits for its budgets.
+
+    Pass one to ``Budgets.acquire(scopes, urgent=...)`` instead of a bool when the urgency can
+    change during the wait (a reply's answer completes while its next edit is queued):
+    ``escalate()`` then moves the queued call ahead of the ordinary ones, keeping its place
+    among urgent calls by when it first queued (so a round-robin turn is not lost). Urgency
+    never goes back down.
+    """
+
+    __slots__ = ("_queued", "urgent")
+
+    def __init__(self, urgent: bool = False) -> None:
+        self.urgent = urgent
+        self._queued: dict[_Waiter, Budget] = {}
+
+    def escalate(self) -> None:
+        """Make the call urgent in the budget it waits for now and in those it waits for next."""
+        if self.urgent:
+            return
+        self.urgent = True
+        for waiter, budget in list(self._queued.items()):
+            budget.escalate(waiter)
+
+
 class Budget:
-    """The token bucket and FIFO queue of one rate-limit scope."""
+    """The token bucket and the queue (urgent callers first, FIFO otherwise) of one scope."""
 
     def __init__(
         self,
@@ -330,13 +383,25 @@ class Budget:
         self._tokens = float(scope.burst)
         self._stamp = now()
         self._paused_until = -math.inf
-        self._queue: deque[asyncio.Event] = deque()
+        # What the platform's headers said is left in its window (Discord's fixed windows): no
+        # more calls than that until the window resets, whatever the local refill says.
+        self._cap = math.inf
+        self._cap_until = -math.inf
+        self._urgent: deque[_Waiter] = deque()
+        self._ordinary: deque[_Waiter] = deque()
+        self._numbers = itertools.count()
+        # The caller whose turn it is (its ``turn`` is set): it waits for a token, then goes.
+        self._head: _Waiter | None = None
+        # The head while it asks the shared limiter.
+        self._asking: _Waiter | None = None
+        # Urgent calls granted in a row while ordinary callers waited.
+        self._streak = 0
         self.granted = 0
 
     @property
     def waiting(self) -> int:
         """How many callers are queued for this scope."""
-        return len(self._queue)
+        return len(self._urgent) + len(self._ordinary)
 
     def _refill(self) -> None:
         now = self._now()
@@ -345,52 +410,135 @@ class Budget:
                 float(self.burst), self._tokens + (now - self._stamp) * self.per_second
             )
             self._stamp = now
+        if now < self._cap_until:
+            self._tokens = min(self._tokens, self._cap)
 
-    def delay(self) -> float:
-        """Seconds until one call may go (0 when it may go now), ignoring the queue."""
+    @property
+    def reserve(self) -> int:
+        """Tokens a progress call leaves in the bucket for urgent ones (part of the burst)."""
+        return max(0, min(self.burst - 1, URGENT_RESERVE))
+
+    def delay(self, reserve: float = 0) -> float:
+        """Seconds until one call may go leaving ``reserve`` tokens (0: now), ignoring the queue."""
         self._refill()
         now = self._now()
         wait = self._paused_until - now
-        if self._tokens < 1 - _EPSILON:
+        needed = 1 + reserve
+        if self._tokens < needed - _EPSILON:
             # While paused, _stamp sits at the pause's end, so the refill starts from there.
-            wait = max(wait, (self._stamp - now) + (1 - self._tokens) / self.per_second)
+            wait = max(wait, (self._stamp - now) + (needed - self._tokens) / self.per_second)
+            if now < self._cap_until and self._cap < needed - _EPSILON:
+                # The platform's window has no more to give before it resets.
+                wait = max(wait, self._cap_until - now)
         return wait if wait > _EPSILON else 0.0
 
-    async def acquire(self) -> None:
+    async def acquire(self, *, urgent: bool | Urgency = False, progress: bool = False) -> None:
         """Wait for this caller's turn and for a token, then consume it.
 
-        With a shared limiter, the head of the queue also takes from the shared bucket (every
-        process's calls) before it goes, asking again after the wait it is told.
+        ``urgent`` callers go before the others, in the order they queued; after
+        ``URGENT_STREAK_LIMIT`` urgent grants in a row, the oldest other caller goes next. An
+        ``Urgency`` may escalate while the caller waits. ``progress`` callers (intermediate
+        edits) leave ``reserve`` tokens of the burst for urgent ones; the others may spend all
+        of it. With a shared limiter, the head of the queue also takes from the shared bucket
+        (every process's calls) before it goes, asking again after the wait it is told.
         """
-        ticket = asyncio.Event()
-        self._queue.append(ticket)
-        if self._queue[0] is ticket:
-            ticket.set()
+        urgency = urgent if isinstance(urgent, Urgency) else None
+        waiter = _Waiter(urgency.urgent if urgency else bool(urgent), next(self._numbers), progress)
+        (self._urgent if waiter.urgent else self._ordinary).append(waiter)
+        if urgency is not None:
+            urgency._queued[waiter] = self
+        self._hand_turn()
         try:
             while True:
-                await ticket.wait()
-                wait = self.delay()
+                await waiter.turn.wait()
+                if self._head is not waiter:
+                    # Overtaken between being woken and running: the turn is cleared again.
+                    continue
+                wait = self.delay(self.reserve if waiter.progress and not waiter.urgent else 0)
                 if wait <= 0 and self._shared is not None:
-                    wait = await self._shared.take(self.key, self.per_second, self.burst)
+                    # A call the shared bucket grants must go: nobody overtakes it meanwhile.
+                    self._asking = waiter
+                    try:
+                        wait = await self._shared.take(self.key, self.per_second, self.burst)
+                    finally:
+                        self._asking = None
+                    if wait > 0:
+                        self._hand_turn()
                 if wait <= 0:
                     break
-                # Re-check after sleeping: a 429 or a header may have moved the goalposts.
-                await self._sleep(wait)
+                # Re-check after sleeping: a 429 or a header may have moved the goalposts, and
+                # an overtaken head finds its turn cleared and waits for it again.
+                await self._doze(waiter, wait)
         except BaseException:
-            self._leave(ticket)
+            self._leave(waiter)
             raise
+        finally:
+            if urgency is not None:
+                del urgency._queued[waiter]
         self._tokens = max(0.0, self._tokens - 1)
+        self._cap = max(0.0, self._cap - 1)
         self.granted += 1
-        self._leave(ticket)
+        if not waiter.urgent:
+            self._streak = 0
+        elif self._ordinary:
+            self._streak += 1
+        self._leave(waiter)
 
-    def _leave(self, ticket: asyncio.Event) -> None:
-        was_head = bool(self._queue) and self._queue[0] is ticket
-        try:
-            self._queue.remove(ticket)
-        except ValueError:
+    async def _doze(self, waiter: _Waiter, seconds: float) -> None:
+        """Sleep ``seconds``; a progress caller wakes early if escalated (no reserve to wait for
+        any more)."""
+        if waiter.urgent or not waiter.progress:
+            await self._sleep(seconds)
             return
-        if was_head and self._queue:
-            self._queue[0].set()
+        sleeping = asyncio.ensure_future(self._sleep(seconds))
+        escalated = asyncio.ensure_future(waiter.escalated.wait())
+        try:
+            await asyncio.wait((sleeping, escalated), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeping.cancel()
+            escalated.cancel()
+
+    def escalate(self, waiter: _Waiter) -> None:
+        """Move a queued ordinary caller among the urgent ones, by when it first queued."""
+        if waiter.urgent:
+            return
+        self._ordinary.remove(waiter)
+        waiter.urgent = True
+        waiter.escalated.set()
+        place = next(
+            (i for i, other in enumerate(self._urgent) if other.number > waiter.number),
+            len(self._urgent),
+        )
+        self._urgent.insert(place, waiter)
+        self._hand_turn()
+
+    def _next(self) -> _Waiter | None:
+        """Who should go next: urgent callers first, unless their streak is spent."""
+        if self._urgent and (not self._ordinary or self._streak < URGENT_STREAK_LIMIT):
+            return self._urgent[0]
+        return self._ordinary[0] if self._ordinary else None
+
+    def _hand_turn(self) -> None:
+        """Give the turn to ``_next()``; a head asking the shared limiter keeps it meanwhile.
+
+        A head sleeping until its token finds its turn cleared when it wakes and waits again;
+        the new head computes its own wait (an urgent caller's is shorter: no reserve).
+        """
+        chosen = self._next()
+        head = self._head
+        if chosen is head or (head is not None and head is self._asking):
+            return
+        if head is not None:
+            head.turn.clear()
+        self._head = chosen
+        if chosen is not None:
+            chosen.turn.set()
+
+    def _leave(self, waiter: _Waiter) -> None:
+        (self._urgent if waiter.urgent else self._ordinary).remove(waiter)
+        if self._head is waiter:
+            self._head = None
+        self._hand_turn()
 
     def pause(self, seconds: float) -> None:
         """Stop the scope for ``seconds`` (a 429's Retry-After); one call may go at the end."""
@@ -412,8 +560,9 @@ class Budget:
         """Adapt to the platform's rate-limit headers after a successful call.
 
         ``remaining`` calls are left until ``reset_after`` seconds from now (Discord's
-        ``X-RateLimit-Remaining`` / ``X-RateLimit-Reset-After``); ``limit`` calls per ``window``
-        seconds, when the platform states both, replace the configured rate and burst.
+        ``X-RateLimit-Remaining`` / ``X-RateLimit-Reset-After``): no more go before then, even
+        if the sustained rate would refill more; ``limit`` calls per ``window`` seconds, when the
+        platform states both, replace the configured rate and burst.
         """
         if limit is not None and window is not None and limit >= 1 and window > 0:
             self.per_second = limit / window
@@ -421,8 +570,12 @@ class Budget:
         self._refill()
         if remaining is not None:
             self._tokens = min(self._tokens, float(remaining))
-            if remaining < 1 and reset_after is not None and reset_after > 0:
-                self.pause(reset_after)
+            if reset_after is not None and reset_after > 0:
+                if remaining < 1:
+                    self.pause(reset_after)
+                else:
+                    self._cap = float(remaining)
+                    self._cap_until = self._now() + reset_after
 
 
 class Budgets:
@@ -473,13 +626,24 @@ class Budgets:
         """The budget of ``key`` if any call declared it yet."""
         return self._budgets.get(key)
 
-    async def acquire(self, scopes: Iterable[RateScope]) -> None:
+    async def acquire(
+        self,
+        scopes: Iterable[RateScope],
+        *,
+        urgent: bool | Urgency = False,
+        progress: bool = False,
+    ) -> None:
         """Wait until one call may go in every scope, consuming one token of each.
 
         Scopes are taken in key order so two calls needing the same pair never hold one each.
+        ``urgent`` puts the call ahead of the others in every scope (see ``Budget.acquire``):
+        for calls a user is waiting on, such as the one that lands a reply's final text; an
+        ``Urgency`` can be escalated while the call waits, without losing its place.
+        ``progress`` marks a call that only refreshes what is already shown (an intermediate
+        edit): it leaves part of each burst (``Budget.reserve``) for urgent calls.
         """
         for scope in sorted(set(scopes), key=lambda s: s.key):
-            await self.budget(scope).acquire()
+            await self.budget(scope).acquire(urgent=urgent, progress=progress)
 
     def pause(self, key: str, seconds: float) -> None:
         """A 429 on ``key``: every reply in the scope waits ``seconds``, in every process."""

@@ -20,7 +20,7 @@ from core.errors import (
     SurfaceRateLimited,
     TransientSurfaceError,
 )
-from core.ratelimit import Budgets
+from core.ratelimit import Budgets, Urgency
 from core.reply import RateScope, ReplySurface
 from core.splitting import Splitter, fence_at_end
 
@@ -141,7 +141,9 @@ class ReplyStreamer:
     the freshest text when its turn comes (so tokens that arrive meanwhile coalesce). A 429 pauses
     the scope for its Retry-After; transient errors are retried with backoff, a bounded number of
     times. A reply queued for a budget plans again when its answer completes or is retried, so
-    it never holds a place in a slow queue for a call it no longer needs. ``finish`` waits until the exact final text is shown everywhere (indicator gone) and
+    it never holds a place in a slow queue for a call it no longer needs; once the answer is
+    complete its calls are urgent, ahead of other replies' progress edits in the same scope.
+    ``finish`` waits until the exact final text is shown everywhere (indicator gone) and
     returns the message ids; if the platform stays down it logs the failure with ``log_context``
     and returns what exists, so the engine still stores the full text (``text``).
 
@@ -438,8 +440,21 @@ class ReplyStreamer:
             else:
                 return True
 
+    def _finishing(self) -> bool:
+        """Whether the next call lands the reply's end: once the answer is complete (finished,
+        failed or cancelled), every target is complete and the user is waiting for it."""
+        return self._phase != _STREAMING
+
     async def _granted(self, scopes: tuple[RateScope, ...], kind: str, index: int) -> bool:
         """Wait for one call in every scope; False if the plan changed first.
+
+        Once the answer is complete (``_finishing``) the call is urgent: it queues ahead of
+        other replies' calls and may spend the whole burst, since the final text is what the
+        user waits for; it happens once per reply, so the others still progress
+        (``core.ratelimit.URGENT_STREAK_LIMIT``). Before that, edits and appends of a message
+        already shown are progress calls, which leave part of the burst for urgent ones; a
+        reply's new messages are neither. A call queued before the answer completes, and still
+        needed, becomes urgent in place (``Urgency.escalate``).
 
         The wait races the budget against ``_replan``: when the answer completes (a ``start``
         queued on Slack's Tier 2 budget becomes a plain ``post`` of the final text, an
@@ -450,7 +465,11 @@ class ReplyStreamer:
         do not interrupt: planning joins and splits the text, too costly to do per token, and
         a call's turn re-checks the plan anyway.
         """
-        acquire = asyncio.ensure_future(self._budgets.acquire(scopes))
+        urgency = Urgency(self._finishing())
+        progress = kind in ("edit", "append") and not urgency.urgent
+        acquire = asyncio.ensure_future(
+            self._budgets.acquire(scopes, urgent=urgency, progress=progress)
+        )
         replanned: asyncio.Task[Literal[True]] | None = None
         try:
             while True:
@@ -458,6 +477,10 @@ class ReplyStreamer:
                     self._replan.clear()
                     if self._plan() != (kind, index):
                         return False
+                    if self._finishing():
+                        # The same call now lands the final text: ahead of progress edits,
+                        # keeping its place among other finishing replies.
+                        urgency.escalate()
                 replanned = asyncio.ensure_future(self._replan.wait())
                 await asyncio.wait((acquire, replanned), return_when=asyncio.FIRST_COMPLETED)
                 replanned.cancel()

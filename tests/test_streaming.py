@@ -452,6 +452,96 @@ def test_a_reply_waiting_to_append_when_the_answer_completes_stops_at_once() -> 
     assert lag <= 2 * LATENCY
 
 
+def test_a_finished_reply_lands_its_final_text_ahead_of_other_replies_progress_edits() -> None:
+    #: Slack's chat.update: Tier 3, about 50 calls a minute per workspace.
+    interval = 60 / 50
+
+    async def main() -> tuple[float, list[str], list[list[str]], int, list[int]]:
+        loop = asyncio.get_running_loop()
+        platform = Platform(latency=LATENCY)
+        edit = RateScope("workspace:chat.update", 1 / interval, 1)
+        budgets = Budgets(now=loop.time)
+
+        def surface(n: int) -> FakeSurface:
+            return FakeSurface(
+                platform,
+                max_chars=20_000,  # one message per reply: the queue is what is measured
+                post_scopes=(RateScope(f"post:{n}", 1.0, 1),),
+                edit_scopes=(edit,),
+            )
+
+        async def one(surface: FakeSurface, count: int) -> float:
+            streamer = streamer_for(surface, budgets)
+            await streamer.begin()
+            await feed(streamer, words(count))
+            last_token = loop.time()
+            await streamer.finish()
+            return last_token
+
+        # Ten replies stream for 30 s each, keeping the edit queue about ten deep ...
+        busy = [surface(n) for n in range(10)]
+        others = [asyncio.create_task(one(s, 1200)) for s in busy]
+        # ... and a short one, asked a little later, finishes while they are all mid-stream.
+        await asyncio.sleep(8.0)
+        short = surface(10)
+        last_token = await one(short, 80)
+        lag = landed(platform, short) - last_token
+        await asyncio.gather(*others)
+        edits_after = [
+            sum(1 for t, mid, _ in platform.log if mid in s.posted and t > last_token) for s in busy
+        ]
+        shown = [s.messages() for s in busy]
+        return lag, short.messages(), shown, platform.rate_limited, edits_after
+
+    lag, short, busy, limited, edits_after = run_virtual(main())
+    assert short == ["".join(words(80))]
+    assert busy == [["".join(words(1200))]] * 10
+    assert limited == 0
+    # The final edit jumped the queue of progress edits: one pacing interval and the call's
+    # latency at most, instead of a turn behind the ten others (about 12 s).
+    assert lag <= interval + 2 * LATENCY
+    # The others kept being edited while it went first.
+    assert all(count >= 2 for count in edits_after)
+
+
+def test_replies_finishing_together_land_at_once_with_the_burst_progress_edits_left() -> None:
+    #: Discord: about 5 message edits per 5 s per channel; every reply here is in one channel.
+    edit = RateScope("channel:edit", 1.0, 5)
+
+    async def main() -> tuple[list[float], list[list[str]], int, list[int]]:
+        loop = asyncio.get_running_loop()
+        platform = Platform(latency=LATENCY)
+        budgets = Budgets(now=loop.time)
+        surfaces = [
+            FakeSurface(
+                platform, post_scopes=(RateScope(f"post:{n}", 1.0, 5),), edit_scopes=(edit,)
+            )
+            for n in range(5)
+        ]
+
+        async def one(surface: FakeSurface) -> float:
+            streamer = streamer_for(surface, budgets)
+            await streamer.begin()
+            await feed(streamer, words(60))  # 1.5 s each, all at once
+            last_token = loop.time()
+            await streamer.finish()
+            return landed(platform, surface) - last_token
+
+        lags = await asyncio.gather(*(one(surface) for surface in surfaces))
+        edits = [sum(1 for _, mid, _ in platform.log if mid in s.posted) - 1 for s in surfaces]
+        return lags, [s.messages() for s in surfaces], platform.rate_limited, edits
+
+    lags, shown, limited, edits = run_virtual(main())
+    assert shown == [["".join(words(60))]] * 5
+    assert limited == 0
+    # Progress edits kept to the sustained rate and left the burst: the five final edits went
+    # at once (the bucket refilled a little meanwhile), instead of a second apart after it.
+    assert max(lags) <= 1.0 + 2 * LATENCY
+    assert sum(sorted(lags)[:4]) <= 4 * 2 * LATENCY
+    # Someone still saw progress while the answers streamed.
+    assert sum(edits) > 5
+
+
 # -- property: whatever happens on the way, the final messages are the text -------------------
 
 FENCE_OPEN = "```"
