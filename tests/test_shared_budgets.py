@@ -23,14 +23,12 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from core.config import Settings
+from core.limiters import RedisLimiter, StoreLimiter, budgets_for
 from core.ratelimit import (
     SHARED_CALL_TIMEOUT_SECONDS,
     SHARED_RETRY_SECONDS,
     Budgets,
-    RedisLimiter,
     SharedLimiter,
-    StoreLimiter,
-    budgets_for,
 )
 from core.reply import RateScope
 from core.store import ConversationStore

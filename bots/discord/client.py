@@ -33,7 +33,8 @@ from core.config import Settings
 from core.conversation import ChatMessage, ConversationKey, IncomingMessage
 from core.engine import ChatEngine
 from core.errors import ThreadbotError
-from core.ratelimit import Budgets, budgets_for
+from core.limiters import budgets_for
+from core.ratelimit import Budgets
 from core.streaming import ReplyStreamer
 
 log = logging.getLogger(__name__)
