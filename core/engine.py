@@ -162,23 +162,26 @@ class ChatEngine:
                 return TurnResult("command", answer)
 
         await reply.begin()
-        conversation, _ = await self.store.get_or_create(key, seed=incoming.thread_context)
         task = asyncio.current_task()
-        async with self.store.conversation_lock(conversation.id):
+        try:
+            conversation, _ = await self.store.get_or_create(key, seed=incoming.thread_context)
+            async with self.store.conversation_lock(conversation.id):
+                if task is not None:
+                    self._active[conversation.id] = task  # type: ignore[assignment]
+                try:
+                    return await self._turn(conversation, incoming, text, reply)
+                finally:
+                    if self._active.get(conversation.id) is task:
+                        del self._active[conversation.id]
+        except asyncio.CancelledError:
+            # Also while queued behind another turn: the reply already shows that it is working.
+            note = self._cancel_notes.pop(task, CANCELLED_DEFAULT) if task else CANCELLED_DEFAULT
+            with contextlib.suppress(Exception):
+                await asyncio.shield(reply.cancel(note))
+            raise
+        finally:
             if task is not None:
-                self._active[conversation.id] = task  # type: ignore[assignment]
-            try:
-                return await self._turn(conversation, incoming, text, reply)
-            except asyncio.CancelledError:
-                note = (
-                    self._cancel_notes.pop(task, CANCELLED_DEFAULT) if task else CANCELLED_DEFAULT
-                )
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(reply.cancel(note))
-                raise
-            finally:
-                if self._active.get(conversation.id) is task:
-                    del self._active[conversation.id]
+                self._cancel_notes.pop(task, None)
 
     async def _turn(
         self, conversation: Conversation, incoming: IncomingMessage, text: str, reply: ReplySink

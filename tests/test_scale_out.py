@@ -9,7 +9,7 @@ import pytest
 
 from core.config import Settings
 from core.conversation import ConversationKey, IncomingMessage
-from core.engine import ChatEngine
+from core.engine import CANCELLED_DEFAULT, ChatEngine
 from core.providers.offline import OfflineProvider
 from core.reply import CollectingSink
 from core.store import ConversationStore
@@ -65,3 +65,40 @@ async def test_turns_of_one_conversation_on_two_workers_do_not_interleave(worker
         assert roles == ["user", "assistant", "user", "assistant"]
         later = pb.requests if history[2][1] == "two" else pa.requests
         assert [m.content for m in later[0].messages][:2] == [history[0][1], history[1][1]]
+
+
+async def test_a_turn_cancelled_while_another_worker_holds_the_conversation_ends_its_reply(
+    postgres_url: str,
+) -> None:
+    """Queued on the advisory lock, the reply already shows it is working: a cancel must say so."""
+    settings = Settings.from_mapping({"DATABASE_URL": postgres_url})
+    stores = [await ConversationStore.open(postgres_url) for _ in range(2)]
+    try:
+        busy, waiting = (OfflineProvider(settings, delay=0.05) for _ in range(2))
+        a = ChatEngine(settings, stores[0], busy)
+        b = ChatEngine(settings, stores[1], waiting)
+        key = ConversationKey("slack", "T1", "C1", "cancel.000")
+        busy.enqueue(["word "] * 40)
+        first_sink, queued_sink = CollectingSink(), CollectingSink()
+        first = asyncio.create_task(
+            a.handle(IncomingMessage(key=key, text="one", user_id="U", message_id="x1"), first_sink)
+        )
+        while not first_sink.text:
+            await asyncio.sleep(0.01)
+        queued = asyncio.create_task(
+            b.handle(
+                IncomingMessage(key=key, text="two", user_id="U", message_id="x2"), queued_sink
+            )
+        )
+        while not queued_sink.begun:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # now waiting for the other worker's advisory lock
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        assert queued_sink.cancelled == CANCELLED_DEFAULT
+        assert waiting.requests == []
+        await first
+    finally:
+        for store in stores:
+            await store.close()
