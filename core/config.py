@@ -60,6 +60,8 @@ class Settings:
     discord_gateway_url: str | None = None
     discord_command_guilds: tuple[str, ...] = ()
     redis_url: str | None = None
+    # Rate-limit overrides: scope-key pattern -> (calls per second, burst); see RATE_LIMITS.
+    rate_limits: tuple[tuple[str, float, int], ...] = ()
     log_level: str = "INFO"
 
     @classmethod
@@ -158,6 +160,7 @@ class Settings:
             discord_gateway_url=get("DISCORD_GATEWAY_URL"),
             discord_command_guilds=guilds,
             redis_url=get("REDIS_URL"),
+            rate_limits=parse_rate_limits(get("RATE_LIMITS") or ""),
             log_level=(get("LOG_LEVEL") or "INFO").upper(),
         )
 
@@ -168,3 +171,30 @@ class Settings:
         if unknown:
             raise TypeError(f"unknown settings: {sorted(unknown)}")
         return replace(self, **changes)
+
+
+def parse_rate_limits(text: str) -> tuple[tuple[str, float, int], ...]:
+    """Parse ``RATE_LIMITS``: comma-separated ``pattern=calls/seconds[/burst]``.
+
+    ``pattern`` is a rate-limit scope key, a prefix of one or a glob
+    (``slack:*:chat.update=40/60/2``: 40 calls a minute, bursts of 2, in every workspace).
+    """
+    limits: list[tuple[str, float, int]] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        pattern, _, rate = item.partition("=")
+        fields = rate.split("/")
+        try:
+            calls, seconds = float(fields[0]), float(fields[1])
+            burst = int(fields[2]) if len(fields) > 2 else 1
+            if not pattern.strip() or len(fields) > 3 or calls <= 0 or seconds <= 0 or burst < 1:
+                raise ValueError
+        except (ValueError, IndexError):
+            raise ConfigError(
+                f"RATE_LIMITS entry {item!r} is not pattern=calls/seconds[/burst], "
+                "e.g. slack:*:chat.update=40/60/2",
+                setting="RATE_LIMITS",
+            ) from None
+        limits.append((pattern.strip(), calls / seconds, burst))
+    return tuple(limits)

@@ -186,7 +186,8 @@ def budgets_for(
     overrides: dict[str, tuple[float, int]] | None = None,
 ) -> Budgets:
     """The deployment's budgets: shared through Redis when REDIS_URL is set, else through
-    PostgreSQL when ``store`` is on it, else paced in this process (SQLite: one process)."""
+    PostgreSQL when ``store`` is on it, else paced in this process (SQLite: one process), with the
+    ``RATE_LIMITS`` overrides of the published limits."""
     shared: SharedLimiter | None
     if settings.redis_url:
         shared = RedisLimiter.from_url(settings.redis_url)
@@ -196,4 +197,9 @@ def budgets_for(
         log.info("rate-limit budgets shared across processes through PostgreSQL (DATABASE_URL)")
     else:
         shared = None
-    return Budgets(now=now, sleep=sleep, overrides=overrides, shared=shared)
+    configured = {
+        pattern: (per_second, burst) for pattern, per_second, burst in settings.rate_limits
+    }
+    return Budgets(
+        now=now, sleep=sleep, overrides={**configured, **(overrides or {})}, shared=shared
+    )

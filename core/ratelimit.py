@@ -28,6 +28,7 @@ in the process only (with one warning per outage): the limiter never blocks or f
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import itertools
 import logging
 import math
@@ -430,13 +431,25 @@ class Budget:
                     self._cap_until = self._now() + reset_after
 
 
+def override_matches(pattern: str, key: str) -> bool:
+    """Whether a rate-limit override ``pattern`` applies to scope ``key``.
+
+    A pattern with ``*`` is a glob (``slack:*:chat.update``: that method in every workspace);
+    one without is a key prefix (``discord:`` covers every Discord scope).
+    """
+    if "*" in pattern:
+        return fnmatch.fnmatchcase(key, pattern)
+    return key.startswith(pattern)
+
+
 class Budgets:
     """The per-process registry of budgets, one per ``RateScope.key``.
 
     Adapters and streamers share one instance. ``acquire(scopes)`` waits for every scope a call
     consumes; ``pause`` is what a 429 does; ``observe`` feeds rate-limit headers. ``overrides``
-    maps a key prefix (e.g. ``"slack:"`` or a full key) to a ``(per_second, burst)`` pair that
-    replaces what a surface declares, for deployments whose limits differ from the published ones.
+    maps a key pattern (``override_matches``: a prefix such as ``"slack:"``, or a glob such as
+    ``"slack:*:chat.update"``) to a ``(per_second, burst)`` pair that replaces what a surface
+    declares, for deployments whose limits differ from the published ones (``RATE_LIMITS``).
     ``shared`` makes every budget also take from buckets shared with other processes (see
     ``SharedLimiter``; ``budgets_for`` picks one from the settings); ``aclose()`` releases it.
     """
@@ -464,10 +477,11 @@ class Budgets:
         """The budget of ``scope.key``, created from the first declaration of that key."""
         found = self._budgets.get(scope.key)
         if found is None:
-            for prefix, (per_second, burst) in sorted(
+            # The most specific pattern wins: the longest one that matches.
+            for pattern, (per_second, burst) in sorted(
                 self._overrides.items(), key=lambda item: -len(item[0])
             ):
-                if scope.key.startswith(prefix):
+                if override_matches(pattern, scope.key):
                     scope = RateScope(scope.key, per_second, burst)
                     break
             found = Budget(scope, now=self._now, sleep=self._sleep, shared=self._shared)

@@ -5,6 +5,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+import pytest
+
+from core.config import Settings
+from core.errors import ConfigError
+from core.limiters import budgets_for
 from core.ratelimit import URGENT_STREAK_LIMIT, Budgets, Urgency
 from core.reply import RateScope
 from tests.fake_platform import run_virtual
@@ -117,6 +122,26 @@ def test_overrides_replace_published_figures_by_key_prefix() -> None:
     budgets = Budgets(overrides={"slack:": (2.0, 4)})
     budget = budgets.budget(EDIT)
     assert (budget.per_second, budget.burst) == (2.0, 4)
+
+
+def test_rate_limits_setting_overrides_by_glob_most_specific_first() -> None:
+    settings = Settings.from_mapping(
+        {"RATE_LIMITS": "slack:=10/1/5, slack:*:chat.update=40/60/2, discord:bot=30/1/8"}
+    )
+    budgets = budgets_for(settings)
+    update = budgets.budget(RateScope("slack:T9:chat.update", 50 / 60, 3))
+    assert (round(update.per_second, 6), update.burst) == (round(40 / 60, 6), 2)
+    post = budgets.budget(RateScope("slack:T9:chat.postMessage", 1.0, 1))
+    assert (post.per_second, post.burst) == (10.0, 5)
+    untouched = budgets.budget(RateScope("discord:channel:1:edit", 1.0, 5))
+    assert (untouched.per_second, untouched.burst) == (1.0, 5)
+
+
+@pytest.mark.parametrize("text", ["slack:=fast", "=1/1", "slack:=1/0", "slack:=1/1/0", "a=1/2/3/4"])
+def test_malformed_rate_limits_name_the_setting(text: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_mapping({"RATE_LIMITS": text})
+    assert raised.value.setting == "RATE_LIMITS"
 
 
 def test_a_cancelled_waiter_leaves_the_queue() -> None:
