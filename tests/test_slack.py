@@ -5,6 +5,9 @@ offline provider. Each test names the point of issue 4 it covers."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -529,3 +532,27 @@ def test_manifest_matches_what_the_bot_serves(name: str) -> None:
     socket = name.endswith(".socket.yml")
     assert f"socket_mode_enabled: {'true' if socket else 'false'}\n" in text
     assert ("/slack/events" in text) is not socket
+
+
+@pytest.mark.parametrize(
+    ("env", "setting"),
+    [({}, "SLACK_BOT_TOKEN"), ({"SLACK_BOT_TOKEN": "xoxb-1"}, "SLACK_SIGNING_SECRET")],
+)
+def test_missing_settings_exit_2_naming_them_before_touching_the_database(
+    tmp_path: Path, env: dict[str, str], setting: str
+) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "DATABASE_"))}
+    database = tmp_path / "bot.db"
+    result = subprocess.run(
+        [sys.executable, "-m", "bots.slack"],
+        env={**clean, **env, "DATABASE_URL": f"sqlite+aiosqlite:///{database}"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and setting in lines[0]
+    assert not database.exists()

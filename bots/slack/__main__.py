@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from bots.slack.app import EVENTS_PATH, HEALTH_PATH, SlackBot
+from bots.slack.app import EVENTS_PATH, HEALTH_PATH, SlackBot, check_settings
 from core.config import Settings
 from core.engine import ChatEngine
 from core.errors import ConfigError
@@ -30,6 +30,8 @@ SLACK_API_TIMEOUT_SECONDS = 15
 
 async def serve(settings: Settings, stop: asyncio.Event, *, host: str = "0.0.0.0") -> None:
     """Run until ``stop`` is set: open the engine, serve HTTP (and Socket Mode), shut down."""
+    # Missing Slack settings are reported before the database is opened and migrated.
+    check_settings(settings, socket_mode=bool(settings.slack_app_token))
     engine = await ChatEngine.create(settings)
     log.info("language model: %s", engine.provider.label)
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SLACK_API_TIMEOUT_SECONDS))
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(run())
     except ConfigError as error:
-        print(f"threadbot slack: {error} (setting: {error.setting})", file=sys.stderr)
+        print(f"threadbot slack: {error}", file=sys.stderr)
         return 2
     return 0
 

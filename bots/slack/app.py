@@ -94,12 +94,7 @@ def build_client(settings: Settings) -> AsyncWebClient:
     slack_sdk's default handlers retry dropped connections, and optional ones retry 429s; the
     streamer's budgets are the one retry layer, so the client gets none (``retry_handlers=[]``).
     """
-    if not settings.slack_bot_token:
-        raise ConfigError(
-            "SLACK_BOT_TOKEN is not set: copy the Bot User OAuth Token (xoxb-...) from your "
-            "Slack app's OAuth & Permissions page",
-            setting="SLACK_BOT_TOKEN",
-        )
+    check_settings(settings, socket_mode=True)
     return AsyncWebClient(
         token=settings.slack_bot_token,
         base_url=settings.slack_api_url,
@@ -115,6 +110,25 @@ class Turn:
     incoming: IncomingMessage
     target: ReplyTarget
     fetch_context: bool
+
+
+def check_settings(settings: Settings, *, socket_mode: bool, client: bool = False) -> None:
+    """Raise ConfigError naming the first Slack setting that is missing (before any other work).
+
+    The token is not needed when a ``client`` is injected; the signing secret only in HTTP mode.
+    """
+    if not client and not settings.slack_bot_token:
+        raise ConfigError(
+            "SLACK_BOT_TOKEN is not set: copy the Bot User OAuth Token (xoxb-...) from your "
+            "Slack app's OAuth & Permissions page",
+            setting="SLACK_BOT_TOKEN",
+        )
+    if not socket_mode and not settings.slack_signing_secret:
+        raise ConfigError(
+            "SLACK_SIGNING_SECRET is not set: copy the Signing Secret from your Slack app's "
+            "Basic Information page (or set SLACK_APP_TOKEN for Socket Mode)",
+            setting="SLACK_SIGNING_SECRET",
+        )
 
 
 class SlackBot:
@@ -140,12 +154,7 @@ class SlackBot:
         self.settings = settings
         self.engine = engine
         self.socket_mode = bool(settings.slack_app_token) if socket_mode is None else socket_mode
-        if not self.socket_mode and not settings.slack_signing_secret:
-            raise ConfigError(
-                "SLACK_SIGNING_SECRET is not set: copy the Signing Secret from your Slack app's "
-                "Basic Information page (or set SLACK_APP_TOKEN for Socket Mode)",
-                setting="SLACK_SIGNING_SECRET",
-            )
+        check_settings(settings, socket_mode=self.socket_mode, client=client is not None)
         self.client = client or build_client(settings)
         self.budgets = budgets or budgets_for(settings, engine.store)
         self.rate_scale = rate_scale
