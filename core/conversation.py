@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -59,3 +60,19 @@ class IncomingMessage:
     thread_context: tuple[ChatMessage, ...] = field(default_factory=tuple)
     # Commands typed as words (``@bot reset``) are recognised only where the adapter allows it.
     allow_commands: bool = True
+
+
+def alternating(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """``messages`` with consecutive messages of one role joined, so roles alternate.
+
+    A failed turn leaves a user message without an answer, and a Slack thread's earlier messages
+    are several people's in a row. The chat templates of many local models (served through
+    OPENAI_BASE_URL: Mistral's, Llama 2's) reject such runs outright.
+    """
+    merged: list[ChatMessage] = []
+    for message in messages:
+        if merged and merged[-1].role == message.role:
+            merged[-1] = ChatMessage(message.role, f"{merged[-1].content}\n\n{message.content}")
+        else:
+            merged.append(message)
+    return merged

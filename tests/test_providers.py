@@ -544,3 +544,25 @@ async def test_control_api_rejects_unknown_fields_and_resets(server: FakeLLMServ
     assert refused.status_code == 400 and "oops" in refused.text
     assert accepted.json() == {"pending": 1}
     assert server.pending == 0 and recorded == []
+
+
+async def test_openai_wire_alternates_roles_for_strict_chat_templates(
+    server: FakeLLMServer,
+) -> None:
+    provider = build_provider(settings_for("openai", server.openai_base_url, None))
+    server.enqueue(answer("ok"))
+    messages = [
+        ChatMessage("user", "@bob: the deploy failed"),
+        ChatMessage("user", "@carol: disk full"),
+        ChatMessage("assistant", "Free some space."),
+        ChatMessage("user", "done"),
+    ]
+    await run(provider, messages)
+    await provider.aclose()
+    sent = server.chat_requests()[-1].body["messages"]
+    assert [(m["role"], m["content"]) for m in sent] == [
+        ("system", "You are terse."),
+        ("user", "@bob: the deploy failed\n\n@carol: disk full"),
+        ("assistant", "Free some space."),
+        ("user", "done"),
+    ]

@@ -15,7 +15,7 @@ from openai.types.chat import (
 )
 
 from core.config import Settings
-from core.conversation import ChatMessage, Usage
+from core.conversation import ChatMessage, Usage, alternating
 from core.errors import ConfigError, PermanentProviderError
 from core.providers import register
 from core.providers.base import Provider
@@ -89,7 +89,8 @@ class OpenAIProvider(Provider):
         wire: list[ChatCompletionMessageParam] = []
         if system:
             wire.append(ChatCompletionSystemMessageParam(role="system", content=system))
-        for message in messages:
+        # Roles alternate on the wire: local servers' chat templates often insist on it.
+        for message in alternating(messages):
             if message.role == "user":
                 wire.append(ChatCompletionUserMessageParam(role="user", content=message.content))
             else:
