@@ -31,6 +31,7 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    insert,
     select,
     text,
     update,
@@ -438,32 +439,48 @@ class ConversationStore:
         prompt_variant: str | None = None,
     ) -> StoredMessage:
         """Add a message to the conversation's current generation."""
-        async with self._sessions.begin() as session:
-            generation = await session.scalar(
-                select(ConversationRow.generation).where(ConversationRow.id == conversation.id)
-            )
-            row = MessageRow(
-                conversation_id=conversation.id,
-                generation=conversation.generation if generation is None else generation,
-                role=role,
-                content=content,
-                user_id=user_id,
-                platform_message_ids=",".join(platform_message_ids) or None,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                first_token_ms=first_token_ms,
-                duration_ms=duration_ms,
-                model=model,
-                prompt_variant=prompt_variant,
-            )
-            session.add(row)
-            await session.execute(
+        now = _now()
+        # Core statements rather than ORM objects: this runs twice per turn.
+        current_generation = (
+            select(ConversationRow.generation)
+            .where(ConversationRow.id == conversation.id)
+            .scalar_subquery()
+        )
+        async with self.engine.begin() as conn:
+            message_id = (
+                await conn.execute(
+                    insert(MessageRow)
+                    .values(
+                        conversation_id=conversation.id,
+                        generation=current_generation,
+                        role=role,
+                        content=content,
+                        created_at=now,
+                        user_id=user_id,
+                        platform_message_ids=",".join(platform_message_ids) or None,
+                        input_tokens=input_tokens,
+                        output_tokens=output_tokens,
+                        first_token_ms=first_token_ms,
+                        duration_ms=duration_ms,
+                        model=model,
+                        prompt_variant=prompt_variant,
+                    )
+                    .returning(MessageRow.id)
+                )
+            ).scalar_one()
+            await conn.execute(
                 update(ConversationRow)
                 .where(ConversationRow.id == conversation.id)
-                .values(updated_at=_now())
+                .values(updated_at=now)
             )
-            await session.flush()
-            return _message(row)
+        return StoredMessage(
+            id=message_id,
+            role=role,
+            content=content,
+            created_at=now,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+        )
 
     async def history(
         self, conversation: Conversation, *, limit: int | None, after_id: int | None = None
@@ -581,8 +598,12 @@ class ConversationStore:
     async def claim_event(self, platform: str, event_key: str) -> bool:
         """Record a platform event as processed. False when it already was (a redelivery)."""
         try:
-            async with self._sessions.begin() as session:
-                session.add(ProcessedEventRow(platform=platform, event_key=event_key[:255]))
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    insert(ProcessedEventRow).values(
+                        platform=platform, event_key=event_key[:255], created_at=_now()
+                    )
+                )
             return True
         except IntegrityError:
             return False
