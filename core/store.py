@@ -8,7 +8,6 @@ per-conversation advisory lock serialises turns across processes.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -244,8 +243,6 @@ class ConversationStore:
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
-        self._locks: dict[int, asyncio.Lock] = {}
-        self._lock_users: dict[int, int] = {}
 
     @classmethod
     async def open(cls, url: str, *, migrate: bool = True) -> ConversationStore:
@@ -620,34 +617,24 @@ class ConversationStore:
 
     @asynccontextmanager
     async def conversation_lock(self, conversation_id: int) -> AsyncIterator[None]:
-        """Hold the conversation so its turns run one at a time, in arrival order.
+        """Hold the conversation across processes so its turns run one at a time.
 
-        An asyncio lock orders turns within this process (asyncio locks are FIFO); on PostgreSQL
-        a session advisory lock, held on its own connection, orders them across processes.
+        On PostgreSQL a session advisory lock, held on its own connection; SQLite serves one
+        process, where nothing is needed. Within a process the engine already orders a
+        conversation's turns (``ChatEngine.handle`` takes a FIFO lock per conversation first).
         """
-        lock = self._locks.get(conversation_id)
-        if lock is None:
-            lock = self._locks[conversation_id] = asyncio.Lock()
-        self._lock_users[conversation_id] = self._lock_users.get(conversation_id, 0) + 1
-        try:
-            async with lock:
-                if not self.is_postgres:
-                    yield
-                    return
-                key = _advisory_key(conversation_id)
-                async with self.engine.connect() as conn:
-                    await conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
-                    await conn.commit()
-                    try:
-                        yield
-                    finally:
-                        await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                        await conn.commit()
-        finally:
-            self._lock_users[conversation_id] -= 1
-            if self._lock_users[conversation_id] == 0:
-                del self._lock_users[conversation_id]
-                del self._locks[conversation_id]
+        if not self.is_postgres:
+            yield
+            return
+        key = _advisory_key(conversation_id)
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            await conn.commit()
+            try:
+                yield
+            finally:
+                await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                await conn.commit()
 
     # -- shared rate-limit budgets (PostgreSQL) --------------------------------------------------
 
