@@ -438,11 +438,7 @@ class ConversationStore:
         """Add a message to the conversation's current generation."""
         now = _now()
         # Core statements rather than ORM objects: this runs twice per turn.
-        current_generation = (
-            select(ConversationRow.generation)
-            .where(ConversationRow.id == conversation.id)
-            .scalar_subquery()
-        )
+        current_generation = _current_generation(conversation.id)
         async with self.engine.begin() as conn:
             message_id = (
                 await conn.execute(
@@ -500,10 +496,7 @@ class ConversationStore:
             )
             .where(
                 MessageRow.conversation_id == conversation.id,
-                MessageRow.generation
-                == select(ConversationRow.generation)
-                .where(ConversationRow.id == conversation.id)
-                .scalar_subquery(),
+                MessageRow.generation == _current_generation(conversation.id),
             )
             .order_by(MessageRow.id.desc())
         )
@@ -534,12 +527,7 @@ class ConversationStore:
             .where(MessageRow.conversation_id == conversation.id)
         )
         if not all_generations:
-            query = query.where(
-                MessageRow.generation
-                == select(ConversationRow.generation)
-                .where(ConversationRow.id == conversation.id)
-                .scalar_subquery()
-            )
+            query = query.where(MessageRow.generation == _current_generation(conversation.id))
         async with self._sessions() as session:
             return int(await session.scalar(query) or 0)
 
@@ -734,6 +722,15 @@ _PRUNE_RATE_BUDGETS = text(
     "DELETE FROM rate_budgets WHERE greatest(tat, paused_until) "
     "< extract(epoch FROM clock_timestamp())::double precision - CAST(:idle AS double precision)"
 )
+
+
+def _current_generation(conversation_id: int) -> Any:
+    # Read in the statement itself: a reset between our reads and our write cannot be missed.
+    return (
+        select(ConversationRow.generation)
+        .where(ConversationRow.id == conversation_id)
+        .scalar_subquery()
+    )
 
 
 def _advisory_key(conversation_id: int) -> int:
