@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import sys
@@ -49,7 +50,8 @@ async def run(settings: Settings, *, engine: ChatEngine | None = None) -> None:
     point_discord_py_at(settings)
     engine = engine or await ChatEngine.create(settings)
     log.info("language model: %s", engine.provider.label)
-    client = ThreadbotClient(settings, engine, announce=print)
+    # Flushed: under a process manager stdout is a pipe, and the invite URL is wanted now.
+    client = ThreadbotClient(settings, engine, announce=functools.partial(print, flush=True))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

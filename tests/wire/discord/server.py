@@ -160,6 +160,9 @@ class FakeDiscord:
         self.thread_starts: Counter[int] = Counter()
         self.typing: Counter[int] = Counter()
         self.identifies = 0
+        #: IDENTIFYs answered with READY and GUILD_CREATE, both written to the socket: from then
+        #: on a dispatched event reaches a bot that knows the guild and its channels.
+        self.greeted = 0
         self.resumes = 0
         self.sessions: dict[str, Session] = {}
         self.session: Session | None = None
@@ -816,6 +819,7 @@ class FakeDiscord:
         }
         await self.dispatch("READY", ready)
         await self.dispatch("GUILD_CREATE", self._guild_payload())
+        self.greeted += 1
         self._touch()
 
     async def _resume(self, ws: web.WebSocketResponse, d: Json) -> None:

@@ -1,0 +1,238 @@
+"""The operator's path with the real process: ``python -m bots.discord`` against ``FakeDiscord``.
+
+Only what an operator sets: a token, ``DISCORD_API_URL`` (so the bot must ask the fake's
+``GET /gateway/bot`` for the gateway), a SQLite file and no LLM key (the offline demo). stdout is a
+pipe, as under a process manager, so it is block-buffered unless the bot flushes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from bots.discord.client import SHUTDOWN_NOTE
+from core.config import Settings
+from core.conversation import ChatMessage
+from core.providers.offline import OFFLINE_NOTICE, demo_answer
+from core.streaming import THINKING_TEXT
+from tests.wire.discord.server import BOT_TOKEN, PUBLIC_THREAD, FakeDiscord
+
+#: View Channel + Send Messages + Read Message History + Create Public Threads + Send Messages in
+#: Threads (discord-api-docs "Permissions": 1<<10, 1<<11, 1<<16, 1<<35, 1<<38).
+EXPECTED_PERMISSIONS = 309_237_713_920
+#: How long a broken test may hang before failing; never a timing assertion. Generous because a
+#: loaded 2-core CI machine takes seconds to import discord.py and SQLAlchemy.
+GIVE_UP_AFTER = 30.0
+#: How often the test looks at the fake's records and the process's output.
+POLL_EVERY = 0.02
+#: Every variable Settings reads, and the families of other deployments' keys: none of the
+#: developer's or CI's own configuration may leak into the process.
+OPERATOR_SETTINGS = frozenset(f.name.upper() for f in fields(Settings))
+FOREIGN_PREFIXES = ("DISCORD_", "SLACK_", "LLM_", "OPENAI_", "ANTHROPIC_")
+#: Seconds between demo words while a reply is interrupted: the demo's 49 words would take
+#: ~25 s, far longer than the test takes to send SIGTERM once the first word shows.
+SLOW_OFFLINE_DELAY = "0.5"
+#: What Python, asyncio, aiohttp and logging write on stderr when something went wrong.
+SIGNS_OF_TROUBLE = ("Traceback", " ERROR ", "Unclosed", "was destroyed but it is pending")
+
+
+def bot_environment(fake: FakeDiscord, database: Path, **settings: str) -> dict[str, str]:
+    """The inherited environment without threadbot settings, plus the operator's few."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in OPERATOR_SETTINGS and not name.startswith(FOREIGN_PREFIXES)
+    }
+    # Output as under a process manager: a pipe, buffered unless the bot flushes.
+    env.pop("PYTHONUNBUFFERED", None)
+    env.update(
+        DISCORD_BOT_TOKEN=BOT_TOKEN,
+        DISCORD_API_URL=fake.api_url,
+        DATABASE_URL=f"sqlite+aiosqlite:///{database}",
+        OFFLINE_DELAY="0",
+    )
+    env.update(settings)
+    return env
+
+
+@dataclass
+class BotProcess:
+    """One ``python -m bots.discord`` and the lines it has written so far."""
+
+    process: asyncio.subprocess.Process
+    stdout: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
+
+    async def until(self, what: str, predicate: Callable[[], bool]) -> None:
+        """Poll ``predicate`` until it holds; fail at once if the process exits meanwhile."""
+        try:
+            async with asyncio.timeout(GIVE_UP_AFTER):
+                while not predicate():
+                    if self.process.returncode is not None:
+                        raise AssertionError(
+                            f"the bot exited ({self.process.returncode}) before {what}:\n"
+                            + "".join(self.stderr[-40:])
+                        )
+                    await asyncio.sleep(POLL_EVERY)
+        except TimeoutError:
+            raise AssertionError(
+                f"gave up waiting for {what}; stdout: {self.stdout!r}\n"
+                + "".join(self.stderr[-40:])
+            ) from None
+
+    async def terminate(self) -> int:
+        """SIGTERM, as a process manager stops a worker; return the exit status."""
+        self.process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(GIVE_UP_AFTER):
+            return await self.process.wait()
+
+    def assert_quiet(self) -> None:
+        """No error, traceback or leaked resource was logged from start to exit."""
+        log = "".join(self.stderr)
+        for sign in SIGNS_OF_TROUBLE:
+            assert sign not in log, log
+
+
+async def _collect(stream: asyncio.StreamReader | None, lines: list[str]) -> None:
+    assert stream is not None
+    while line := await stream.readline():
+        lines.append(line.decode())
+
+
+@contextlib.asynccontextmanager
+async def bot_process(
+    fake: FakeDiscord, tmp_path: Path, **settings: str
+) -> AsyncIterator[BotProcess]:
+    """Run the bot against ``fake`` until it has been greeted on the gateway; kill it if left."""
+    greeted = fake.greeted
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bots.discord",
+        env=bot_environment(fake, tmp_path / "threadbot.db", **settings),
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    bot = BotProcess(process)
+    readers = [
+        asyncio.create_task(_collect(process.stdout, bot.stdout)),
+        asyncio.create_task(_collect(process.stderr, bot.stderr)),
+    ]
+    try:
+        await bot.until("the gateway's READY and GUILD_CREATE", lambda: fake.greeted > greeted)
+        yield bot
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await asyncio.gather(*readers)
+
+
+@contextlib.asynccontextmanager
+async def fake_discord() -> AsyncIterator[FakeDiscord]:
+    fake = FakeDiscord()
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.close()
+
+
+def demo_text(*conversation: str) -> str:
+    """The offline demo's answer to the last of ``conversation`` (user and bot turns alternating)."""
+    roles = ("user", "assistant")
+    messages = [ChatMessage(roles[i % 2], text) for i, text in enumerate(conversation)]
+    return "".join(demo_answer(messages))
+
+
+async def test_operator_starts_the_bot_it_answers_in_a_thread_and_restarts(
+    tmp_path: Path,
+) -> None:
+    question, follow_up = "What can you do?", "And after a restart?"
+    answer = demo_text(question)
+    async with fake_discord() as fake:
+        async with bot_process(fake, tmp_path) as bot:
+            # Printed for the operator while the bot runs, not only when it stops.
+            await bot.until("the invite URL on stdout", lambda: bool(bot.stdout))
+            [line] = bot.stdout
+            invite = line.split()[-1]
+            assert line == f"Invite the bot to a server: {invite}\n"
+            assert f"permissions={EXPECTED_PERMISSIONS}" in invite
+            url = urlsplit(invite)
+            assert (url.scheme, url.netloc, url.path) == (
+                "https",
+                "discord.com",
+                "/oauth2/authorize",
+            )
+            assert parse_qs(url.query) == {
+                "client_id": [str(fake.app_id)],
+                "scope": ["bot applications.commands"],
+                "permissions": [str(EXPECTED_PERMISSIONS)],
+            }
+            assert fake.requests["GET gateway/bot"] == 1
+            assert fake.requests["PUT commands"] == 1
+            assert {c["name"] for c in fake.global_commands} == {
+                "reset", "help", "system", "history"
+            }  # fmt: skip
+
+            message = await fake.send_message(fake.text_channel, question)
+            thread = int(message["id"])
+            await bot.until(
+                "the answer in the thread",
+                lambda: [m.content for m in fake.bot_messages_in(thread)] == [answer],
+            )
+            assert fake.thread_starts[thread] == 1
+            assert fake.channels[thread]["type"] == PUBLIC_THREAD
+            assert fake.channels[thread]["parent_id"] == str(fake.text_channel)
+            assert fake.channels[thread]["name"] == question
+            assert fake.bot_messages_in(fake.text_channel) == []
+            assert await bot.terminate() == 0
+        bot.assert_quiet()
+
+        # Same fake, same database: the commands are up to date and the thread is remembered.
+        async with bot_process(fake, tmp_path) as again:
+            assert fake.requests["GET commands"] == 2
+            assert fake.requests["PUT commands"] == 1
+            assert fake.requests["GET gateway/bot"] == 2
+            await fake.send_message(thread, follow_up, mention=False)
+            second = demo_text(question, answer, follow_up)
+            await again.until(
+                "the follow-up's answer",
+                lambda: [m.content for m in fake.bot_messages_in(thread)] == [answer, second],
+            )
+            assert "1 earlier message " in second
+            assert await again.terminate() == 0
+        again.assert_quiet()
+        assert fake.requests["PUT commands"] == 1
+        assert fake.identifies == 2
+
+
+async def test_sigterm_ends_a_reply_in_progress_with_the_shutdown_note(tmp_path: Path) -> None:
+    question = "Tell me everything"
+    answer = demo_text(question)
+    async with fake_discord() as fake:
+        async with bot_process(fake, tmp_path, OFFLINE_DELAY=SLOW_OFFLINE_DELAY) as bot:
+            message = await fake.send_message(fake.text_channel, question)
+            thread = int(message["id"])
+
+            def streaming() -> bool:
+                replies = fake.bot_messages_in(thread)
+                return bool(replies) and OFFLINE_NOTICE[:7] in replies[0].content
+
+            await bot.until("the first words of the answer", streaming)
+            assert await bot.terminate() == 0
+        bot.assert_quiet()
+
+        [reply] = fake.bot_messages_in(thread)
+        partial, separator, note = reply.content.rpartition("\n\n")
+        assert (separator, note) == ("\n\n", SHUTDOWN_NOTE), reply.content
+        assert partial and answer.startswith(partial) and partial != answer
+        assert THINKING_TEXT not in reply.content
