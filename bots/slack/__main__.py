@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -16,11 +17,13 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from slack_sdk.errors import SlackApiError
 
 from bots.slack.app import EVENTS_PATH, HEALTH_PATH, SlackBot, check_settings
+from bots.slack.surface import translate
 from core.config import Settings
 from core.engine import ChatEngine
-from core.errors import ConfigError
+from core.errors import ConfigError, PermanentSurfaceError
 
 log = logging.getLogger("bots.slack")
 
@@ -52,14 +55,19 @@ async def serve(settings: Settings, stop: asyncio.Event, *, host: str = "0.0.0.0
             from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 
             handler = AsyncSocketModeHandler(bot.app, settings.slack_app_token)
-            await handler.connect_async()
-            log.info(
-                "connected over Socket Mode; health check on :%d%s", settings.port, HEALTH_PATH
-            )
+            if await connect_socket_mode(handler, stop):
+                log.info(
+                    "connected over Socket Mode; health check on :%d%s", settings.port, HEALTH_PATH
+                )
         else:
             log.info("listening on :%d (POST %s, GET %s)", settings.port, EVENTS_PATH, HEALTH_PATH)
         await stop.wait()
         log.info("shutting down: ending replies in progress")
+        if handler is not None:
+            # Take no more envelopes before ending replies: Slack redelivers the ones we never
+            # acked, where acking one now would start a turn only to cut it off.
+            await handler.close_async()
+            handler = None
         await bot.close()
     finally:
         if handler is not None:
@@ -68,6 +76,43 @@ async def serve(settings: Settings, stop: asyncio.Event, *, host: str = "0.0.0.0
             await runner.cleanup()
         await engine.close()
         await session.close()
+
+
+async def connect_socket_mode(handler: Any, stop: asyncio.Event) -> bool:
+    """Open Bolt's Socket Mode connection; False if ``stop`` was set before it opened.
+
+    The first websocket URL is asked here so that a refused SLACK_APP_TOKEN (a bot token pasted
+    there, a revoked one) is a ConfigError naming it, as a refused bot token is; slack_sdk alone
+    would log the refusal and ask again every 10 seconds forever. While Slack cannot be reached,
+    slack_sdk keeps retrying, and ``stop`` (SIGTERM) still ends the wait.
+    """
+    client = handler.client
+    try:
+        client.wss_uri = await client.issue_new_wss_url()
+    except (SlackApiError, aiohttp.ClientError, TimeoutError) as error:
+        refusal = translate(error, method="apps.connections.open", scope=None)
+        if isinstance(refusal, PermanentSurfaceError):
+            raise ConfigError(
+                f"Slack refused SLACK_APP_TOKEN ({refusal.code}); generate an app-level token "
+                "(xapp-...) with the connections:write scope on your Slack app's Basic "
+                "Information page",
+                setting="SLACK_APP_TOKEN",
+            ) from error
+        # Unreachable or busy: slack_sdk's connect loop asks again.
+    connecting = asyncio.ensure_future(handler.connect_async())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connecting
+    if connecting.cancelled():
+        return False
+    connecting.result()
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

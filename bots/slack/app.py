@@ -263,7 +263,8 @@ class SlackBot:
 
     def web_app(self, *, events: bool = True) -> web.Application:
         """The HTTP endpoints: ``POST /slack/events`` (Bolt, unless ``events`` is false: Socket
-        Mode) and ``GET /healthz`` (200 once ``start`` succeeded, 503 before and after)."""
+        Mode) and ``GET /healthz``; both answer 503 until ``start`` succeeded and from ``close``
+        on."""
         app = web.Application(client_max_size=MAX_REQUEST_BYTES)
         if events:
             app.router.add_post(EVENTS_PATH, self._handle_http)
@@ -271,6 +272,10 @@ class SlackBot:
         return app
 
     async def _handle_http(self, request: web.Request) -> web.Response:
+        if not self.ready:
+            # Starting or shutting down: a 200 now would start a turn that is never answered
+            # or is cut off at once; on a 503 Slack delivers the event again later.
+            return web.json_response({"ok": False, "status": "unavailable"}, status=503)
         bolt_request = await to_bolt_request(request)
         bolt_response = await self.app.async_dispatch(bolt_request)
         return await to_aiohttp_response(bolt_response)

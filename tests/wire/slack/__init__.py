@@ -1,6 +1,18 @@
-"""The Slack wire fakes: a Web API server for slack_sdk, and a sender of signed requests."""
+"""The Slack wire fakes: a Web API server for slack_sdk (with Socket Mode), and senders of
+signed requests (HTTP) and envelopes (Socket Mode)."""
 
 from .sender import Answer, SlackSender
 from .server import Call, FakeSlack, Limit, Message, Team
+from .socket_mode import SocketModeSender, SocketModeSlack
 
-__all__ = ["Answer", "Call", "FakeSlack", "Limit", "Message", "SlackSender", "Team"]
+__all__ = [
+    "Answer",
+    "Call",
+    "FakeSlack",
+    "Limit",
+    "Message",
+    "SlackSender",
+    "SocketModeSender",
+    "SocketModeSlack",
+    "Team",
+]

@@ -1,10 +1,15 @@
 """The real Slack bot wired to the fake Slack: Bolt in HTTP mode on 127.0.0.1, the real
 AsyncWebClient pointed at ``FakeSlack``, a ChatEngine on a temp SQLite file with the offline
-provider. Tests and ``bench/slack_concurrency.py`` drive it with ``SlackSender``."""
+provider. Tests and ``bench/slack_concurrency.py`` drive it with ``SlackSender``.
+
+``serving`` runs the entry point's own ``serve()`` instead (what ``python -m bots.slack`` runs,
+HTTP or Socket Mode, built from settings alone), in this process, until the block ends."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -13,7 +18,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from bots.slack.app import EVENTS_PATH, SlackBot, build_client
+from bots.slack.__main__ import serve
+from bots.slack.app import EVENTS_PATH, HEALTH_PATH, SlackBot, build_client
 from core.config import Settings
 from core.engine import ChatEngine
 from core.providers.offline import OfflineProvider
@@ -115,3 +121,63 @@ async def running_bot(
         await session.close()
         if own_fake:
             await fake.stop()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a server that only takes PORT."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class Served:
+    """``serve()`` running in this process: set ``stop`` (as SIGTERM does) to end it."""
+
+    task: asyncio.Task[None]
+    stop: asyncio.Event
+    base_url: str
+    session: aiohttp.ClientSession
+
+    async def health(self) -> tuple[int, Any]:
+        async with self.session.get(self.base_url + HEALTH_PATH) as response:
+            return response.status, await response.json()
+
+    async def healthy(self, within: float = 30.0) -> None:
+        """Wait until ``GET /healthz`` answers 200 (raising what ``serve`` raised, if it ended)."""
+        deadline = time.monotonic() + within
+        while True:
+            if self.task.done():
+                self.task.result()
+                raise AssertionError("serve() returned before it was healthy")
+            try:
+                if (await self.health())[0] == 200:
+                    return
+            except aiohttp.ClientError:
+                pass  # Not listening yet.
+            if time.monotonic() > deadline:
+                raise AssertionError(f"/healthz not 200 within {within} s")
+            await asyncio.sleep(0.02)
+
+    async def stopped(self, within: float = 30.0) -> None:
+        """Set ``stop`` and wait for ``serve()`` to return."""
+        self.stop.set()
+        await asyncio.wait_for(asyncio.shield(self.task), timeout=within)
+
+
+@asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[Served]:
+    """Run ``serve(settings)`` on 127.0.0.1:``settings.port``; stop it when the block ends."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(settings, stop, host="127.0.0.1"), name="serve")
+    session = aiohttp.ClientSession()
+    served = Served(task, stop, f"http://127.0.0.1:{settings.port}", session)
+    try:
+        yield served
+    finally:
+        try:
+            # Also raises what serve() raised, if it ended on its own.
+            await served.stopped()
+        finally:
+            await session.close()

@@ -28,7 +28,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
 
@@ -235,11 +235,15 @@ class FakeSlack:
         """A slash command's response_url served by this fake."""
         return f"http://127.0.0.1:{self.port}/respond/{name}"
 
-    async def start(self) -> FakeSlack:
+    def web_app(self) -> web.Application:
+        """The routes this fake serves (subclasses add theirs: Socket Mode's websocket)."""
         app = web.Application(client_max_size=4 * 1024 * 1024)
         app.router.add_route("*", "/api/{method}", self._handle)
         app.router.add_post("/respond/{name}", self._respond)
-        self._runner = web.AppRunner(app, access_log=None)
+        return app
+
+    async def start(self) -> Self:
+        self._runner = web.AppRunner(self.web_app(), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -253,7 +257,7 @@ class FakeSlack:
             await self._runner.cleanup()
             self._runner = None
 
-    async def __aenter__(self) -> FakeSlack:
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:

@@ -1,0 +1,244 @@
+"""The Slack bot as an operator runs it: ``python -m bots.slack`` as a real process in HTTP mode
+(and in Socket Mode), configured by environment variables only, against the fake Slack started
+here on 127.0.0.1; signed events over HTTP; SIGTERM ends it. Also what the HTTP endpoint answers
+while the bot is shutting down (in this process, where the moment can be chosen exactly)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from bots.slack.app import EVENTS_PATH, HEALTH_PATH, SHUTDOWN_NOTE
+from core.conversation import ChatMessage
+from core.providers.offline import demo_answer
+from tests.wire.slack import FakeSlack, SlackSender, SocketModeSender, SocketModeSlack
+from tests.wire.slack.harness import SIGNING_SECRET, free_port, running_bot
+
+CHANNEL = "C0001"
+#: Variables of the developer's environment that would change what the process does.
+OWN_VARIABLES = (
+    "SLACK_",
+    "DATABASE_",
+    "LLM_",
+    "OPENAI_",
+    "ANTHROPIC_",
+    "OFFLINE_",
+    "REDIS_",
+    "RATE_",
+    "PORT",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "http_proxy",
+    "https_proxy",
+)
+
+
+async def until(condition: Callable[[], bool], within: float = 20.0) -> None:
+    """Poll ``condition()`` until true: state reached over the network, not a timing claim."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.01)
+
+
+def demo(*user_messages: str) -> str:
+    """The offline provider's answer to a conversation of these user messages."""
+    return "".join(demo_answer([ChatMessage("user", text) for text in user_messages]))
+
+
+class BotProcess:
+    """``python -m bots.slack`` in ``cwd`` with ``env`` on top of a clean environment."""
+
+    def __init__(self, cwd: Path, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(OWN_VARIABLES)}
+        clean.update(
+            PORT=str(self.port),
+            DATABASE_URL=f"sqlite+aiosqlite:///{cwd / 'bot.db'}",
+            LOG_LEVEL="INFO",
+            **env,
+        )
+        self.stderr_path = cwd / "stderr.log"
+        with self.stderr_path.open("wb") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "bots.slack", "--host", "127.0.0.1"],
+                cwd=cwd,
+                env=clean,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    async def healthy(self, session: aiohttp.ClientSession, within: float = 60.0) -> None:
+        """Wait until ``GET /healthz`` answers 200; fail at once if the process ended."""
+        deadline = time.monotonic() + within
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(f"exited {self.process.returncode}:\n{self.stderr}")
+            try:
+                async with session.get(self.base_url + HEALTH_PATH) as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass  # Not listening yet.
+            if time.monotonic() > deadline:
+                raise AssertionError(f"/healthz not 200 within {within} s:\n{self.stderr}")
+            await asyncio.sleep(0.05)
+
+    async def terminate(self, within: float = 30.0) -> int:
+        """SIGTERM, as a platform stops a process; its exit status."""
+        self.process.send_signal(signal.SIGTERM)
+        return await asyncio.to_thread(self.process.wait, within)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def bot_process(tmp_path: Path) -> Iterator[Callable[..., BotProcess]]:
+    """Start ``python -m bots.slack`` with these variables; killed at the end if still running."""
+    started: list[BotProcess] = []
+
+    def start(**env: str) -> BotProcess:
+        directory = tmp_path / f"run{len(started)}"
+        directory.mkdir()
+        started.append(BotProcess(directory, env))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+def http_env(fake: FakeSlack, **env: str) -> dict[str, str]:
+    """What an operator sets for HTTP mode."""
+    return {
+        "SLACK_BOT_TOKEN": fake.team.token,
+        "SLACK_SIGNING_SECRET": SIGNING_SECRET,
+        "SLACK_API_URL": fake.url,
+        **env,
+    }
+
+
+def signed_sender(
+    process: BotProcess, fake: FakeSlack, session: aiohttp.ClientSession
+) -> SlackSender:
+    return SlackSender(
+        process.base_url + EVENTS_PATH,
+        SIGNING_SECRET,
+        session,
+        team_id=fake.team.team_id,
+        bot_user_id=fake.team.bot_user_id,
+    )
+
+
+async def test_http_process_answers_a_mention_in_its_thread_and_exits_0_on_sigterm(
+    bot_process: Callable[..., BotProcess],
+) -> None:
+    async with FakeSlack() as fake, aiohttp.ClientSession() as session:
+        bot = bot_process(**http_env(fake, OFFLINE_DELAY="0"))
+        await bot.healthy(session)
+        ts = fake.next_ts()
+        answers = await signed_sender(bot, fake, session).mention("hello from a process", ts=ts)
+        assert [a.status for a in answers] == [200, 200]
+        expected = demo("hello from a process")
+        await until(lambda: fake.thread_text(CHANNEL, ts) == expected)
+        # Once: the app_mention and message twins are one turn.
+        [reply] = fake.bot_messages(CHANNEL, ts)
+        assert reply.thread_ts == ts
+
+        assert await bot.terminate() == 0
+        assert "Traceback" not in bot.stderr
+        assert f"listening on :{bot.port}" in bot.stderr
+
+
+async def test_http_process_sigterm_ends_the_reply_in_progress_with_the_note(
+    bot_process: Callable[..., BotProcess],
+) -> None:
+    async with FakeSlack() as fake, aiohttp.ClientSession() as session:
+        # 0.5 s a chunk: the answer would take half a minute, so it is in progress at SIGTERM.
+        bot = bot_process(**http_env(fake, OFFLINE_DELAY="0.5"))
+        await bot.healthy(session)
+        ts = fake.next_ts()
+        await signed_sender(bot, fake, session).mention("tell me everything", ts=ts)
+        await until(lambda: fake.thread_text(CHANNEL, ts).startswith("*(offline"))
+
+        assert await bot.terminate() == 0
+        [reply] = fake.bot_messages(CHANNEL, ts)
+        assert reply.visible().startswith("*(offline")
+        assert reply.visible().endswith(SHUTDOWN_NOTE)
+        assert "Traceback" not in bot.stderr
+
+
+async def test_socket_mode_process_answers_and_exits_0_on_sigterm(
+    bot_process: Callable[..., BotProcess],
+) -> None:
+    async with SocketModeSlack() as fake, aiohttp.ClientSession() as session:
+        # Socket Mode: the app-level token and no signing secret.
+        bot = bot_process(
+            SLACK_BOT_TOKEN=fake.team.token,
+            SLACK_APP_TOKEN=fake.app_token,
+            SLACK_API_URL=fake.url,
+            OFFLINE_DELAY="0",
+        )
+        await bot.healthy(session)
+        await fake.connected()
+        ts = fake.next_ts()
+        answers = await SocketModeSender(fake, session).mention("hello over the socket", ts=ts)
+        assert [a.status for a in answers] == [200, 200]
+        expected = demo("hello over the socket")
+        await until(lambda: fake.thread_text(CHANNEL, ts) == expected)
+
+        assert await bot.terminate() == 0
+        assert all(c.closed for c in fake.connections)
+        assert "Traceback" not in bot.stderr
+        assert "connected over Socket Mode" in bot.stderr
+
+
+async def test_events_while_shutting_down_get_503_and_slack_redelivers_after_restart(
+    sqlite_url: str,
+) -> None:
+    async with FakeSlack(rate_scale=10.0) as fake:
+        async with running_bot(sqlite_url, fake=fake, provider_delay=0.05) as h:
+            h.provider.enqueue(["Partial "] + ["words "] * 200)
+            busy = h.new_ts()
+            await h.sender.mention("tell me everything", ts=busy)
+            await until(lambda: "Partial" in fake.thread_text(CHANNEL, busy))
+            closing = asyncio.create_task(h.bot.close())
+            await until(lambda: not h.bot.ready)
+            # Arrives while the reply in progress is being ended.
+            late = h.new_ts()
+            answers = await h.sender.mention("are you there?", ts=late)
+            command = await h.sender.command("/chatbot", "help")
+            await asyncio.wait_for(closing, timeout=30)
+            # Not acked, so Slack delivers it again later; no turn started meanwhile.
+            assert [a.status for a in answers] == [503, 503]
+            assert command.status == 503
+            assert fake.bot_messages(CHANNEL, late) == []
+            assert len(h.provider.requests) == 1
+            assert fake.thread_text(CHANNEL, busy).endswith(SHUTDOWN_NOTE)
+        # The restarted bot gets Slack's redelivery and answers it.
+        async with running_bot(sqlite_url, fake=fake) as restarted:
+            restarted.provider.enqueue(["Yes, back."])
+            await restarted.sender.mention(
+                "are you there?", ts=late, retry_num=1, retry_reason="http_error"
+            )
+            await restarted.settle()
+            assert fake.thread_text(CHANNEL, late) == "Yes, back."
