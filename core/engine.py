@@ -84,6 +84,8 @@ class ChatEngine:
         self._key_locks: dict[ConversationKey, asyncio.Lock] = {}
         self._key_waiters: dict[ConversationKey, int] = {}
         self._active: dict[int, asyncio.Task[object]] = {}
+        # Every turn whose reply has begun, also while it waits for the conversation's lock.
+        self._begun: set[asyncio.Task[object]] = set()
         self._cancel_notes: dict[asyncio.Task[object], str] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._last_prune: float | None = None
@@ -106,7 +108,7 @@ class ChatEngine:
 
     async def cancel_all(self, note: str) -> None:
         """Cancel every turn in progress (shutdown); each reply shows ``note``."""
-        tasks = list(self._active.values())
+        tasks = list(self._begun)
         for task in tasks:
             self._cancel_notes[task] = note
             task.cancel()
@@ -163,6 +165,8 @@ class ChatEngine:
 
         await reply.begin()
         task = asyncio.current_task()
+        if task is not None:
+            self._begun.add(task)  # type: ignore[arg-type]
         try:
             conversation, _ = await self.store.get_or_create(key, seed=incoming.thread_context)
             async with self.store.conversation_lock(conversation.id):
@@ -182,6 +186,7 @@ class ChatEngine:
         finally:
             if task is not None:
                 self._cancel_notes.pop(task, None)
+                self._begun.discard(task)  # type: ignore[arg-type]
 
     async def _turn(
         self, conversation: Conversation, incoming: IncomingMessage, text: str, reply: ReplySink

@@ -67,8 +67,9 @@ async def test_turns_of_one_conversation_on_two_workers_do_not_interleave(worker
         assert [m.content for m in later[0].messages][:2] == [history[0][1], history[1][1]]
 
 
+@pytest.mark.parametrize("shutdown", [False, True], ids=["cancelled", "shutdown"])
 async def test_a_turn_cancelled_while_another_worker_holds_the_conversation_ends_its_reply(
-    postgres_url: str,
+    postgres_url: str, shutdown: bool
 ) -> None:
     """Queued on the advisory lock, the reply already shows it is working: a cancel must say so."""
     settings = Settings.from_mapping({"DATABASE_URL": postgres_url})
@@ -77,26 +78,38 @@ async def test_a_turn_cancelled_while_another_worker_holds_the_conversation_ends
         busy, waiting = (OfflineProvider(settings, delay=0.05) for _ in range(2))
         a = ChatEngine(settings, stores[0], busy)
         b = ChatEngine(settings, stores[1], waiting)
-        key = ConversationKey("slack", "T1", "C1", "cancel.000")
+        # The PostgreSQL database lives for the session: keys and ids unique to this case.
+        case = "shutdown" if shutdown else "cancel"
+        key = ConversationKey("slack", "T1", "C1", f"{case}.000")
         busy.enqueue(["word "] * 40)
         first_sink, queued_sink = CollectingSink(), CollectingSink()
         first = asyncio.create_task(
-            a.handle(IncomingMessage(key=key, text="one", user_id="U", message_id="x1"), first_sink)
-        )
-        while not first_sink.text:
-            await asyncio.sleep(0.01)
-        queued = asyncio.create_task(
-            b.handle(
-                IncomingMessage(key=key, text="two", user_id="U", message_id="x2"), queued_sink
+            a.handle(
+                IncomingMessage(key=key, text="one", user_id="U", message_id=f"{case}1"),
+                first_sink,
             )
         )
-        while not queued_sink.begun:
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(20):  # only a broken test waits this long
+            while not first_sink.text:
+                await asyncio.sleep(0.01)
+        queued = asyncio.create_task(
+            b.handle(
+                IncomingMessage(key=key, text="two", user_id="U", message_id=f"{case}2"),
+                queued_sink,
+            )
+        )
+        async with asyncio.timeout(20):
+            while not queued_sink.begun:
+                await asyncio.sleep(0.01)
         await asyncio.sleep(0.1)  # now waiting for the other worker's advisory lock
-        queued.cancel()
+        if shutdown:
+            await b.cancel_all("Restarting, ask again in a moment.")
+        else:
+            queued.cancel()
         with pytest.raises(asyncio.CancelledError):
             await queued
-        assert queued_sink.cancelled == CANCELLED_DEFAULT
+        expected = "Restarting, ask again in a moment." if shutdown else CANCELLED_DEFAULT
+        assert queued_sink.cancelled == expected
         assert waiting.requests == []
         await first
     finally:
