@@ -18,10 +18,8 @@ import aiohttp
 import pytest
 
 from bots.slack.app import EVENTS_PATH, HEALTH_PATH, SHUTDOWN_NOTE
-from core.conversation import ChatMessage
-from core.providers.offline import demo_answer
 from tests.wire.slack import FakeSlack, SlackSender, SocketModeSender, SocketModeSlack
-from tests.wire.slack.harness import SIGNING_SECRET, free_port, running_bot
+from tests.wire.slack.harness import SIGNING_SECRET, demo, free_port, running_bot, until
 
 CHANNEL = "C0001"
 #: Variables of the developer's environment that would change what the process does.
@@ -40,20 +38,6 @@ OWN_VARIABLES = (
     "http_proxy",
     "https_proxy",
 )
-
-
-async def until(condition: Callable[[], bool], within: float = 20.0) -> None:
-    """Poll ``condition()`` until true: state reached over the network, not a timing claim."""
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.01)
-
-
-def demo(*user_messages: str) -> str:
-    """The offline provider's answer to a conversation of these user messages."""
-    return "".join(demo_answer([ChatMessage("user", text) for text in user_messages]))
 
 
 class BotProcess:

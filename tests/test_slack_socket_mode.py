@@ -17,28 +17,12 @@ import pytest
 from bots.slack.__main__ import serve
 from bots.slack.app import EVENTS_PATH, SHUTDOWN_NOTE
 from core.config import Settings
-from core.conversation import ChatMessage
 from core.errors import ConfigError
-from core.providers.offline import demo_answer
 from core.streaming import STREAMING_INDICATOR, THINKING_TEXT
 from tests.wire.slack import SocketModeSender, SocketModeSlack
-from tests.wire.slack.harness import Served, free_port, serving
+from tests.wire.slack.harness import Served, demo, free_port, serving, until
 
 CHANNEL = "C0001"
-
-
-async def until(condition: Callable[[], bool], within: float = 20.0) -> None:
-    """Poll ``condition()`` until true: state reached over the network, not a timing claim."""
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.01)
-
-
-def demo(*user_messages: str) -> str:
-    """The offline provider's answer to a conversation of these user messages."""
-    return "".join(demo_answer([ChatMessage("user", text) for text in user_messages]))
 
 
 def socket_settings(fake: SocketModeSlack, tmp_path: Path, **env: str) -> Settings:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +21,9 @@ from aiohttp import web
 from bots.slack.__main__ import serve
 from bots.slack.app import EVENTS_PATH, HEALTH_PATH, SlackBot, build_client
 from core.config import Settings
+from core.conversation import ChatMessage
 from core.engine import ChatEngine
-from core.providers.offline import OfflineProvider
+from core.providers.offline import OfflineProvider, demo_answer
 from core.ratelimit import Budgets
 from core.retry import RetryPolicy
 from core.store import ConversationStore
@@ -181,3 +182,17 @@ async def serving(settings: Settings) -> AsyncIterator[Served]:
             await served.stopped()
         finally:
             await session.close()
+
+
+async def until(condition: Callable[[], bool], within: float = 20.0) -> None:
+    """Poll ``condition()`` until true: state reached over the network, not a timing claim."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.01)
+
+
+def demo(*user_messages: str) -> str:
+    """The offline provider's answer to a conversation of these user messages."""
+    return "".join(demo_answer([ChatMessage("user", text) for text in user_messages]))
