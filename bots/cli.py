@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import getpass
 import logging
+import os
 import signal
 import sys
 import threading
@@ -38,11 +39,20 @@ class TerminalReply:
         self.err = err
         self.interactive = interactive
         self.failed = False
+        # Set when whoever reads our output went away (``threadbot chat | head -1``).
+        self.closed = False
         self._at_line_start = True
 
     def _print(self, text: str) -> None:
-        self.out.write(text)
-        self.out.flush()
+        if self.closed:
+            return
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except BrokenPipeError:
+            self.closed = True
+            _silence(self.out)
+            return
         if text:
             self._at_line_start = text.endswith("\n")
 
@@ -75,6 +85,14 @@ class TerminalReply:
     async def cancel(self, note: str) -> None:
         self._newline()
         self._print(f"{STOPPED_NOTE} {note}\n")
+
+
+def _silence(stream: TextIO) -> None:
+    """Point a closed output at /dev/null so the interpreter's last flush stays quiet."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
 
 
 class LineReader:
@@ -176,6 +194,8 @@ async def run_chat(
             turn = None
             if reply.failed and not interactive:
                 status = 1
+            if reply.closed:
+                break
     finally:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGINT)
@@ -237,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"threadbot: {error}\n")
         return 1
     except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        # Output closed while we wrote a prompt or a command's answer: nothing more to say.
+        _silence(sys.stdout)
         return 0
 
 

@@ -216,3 +216,27 @@ def test_refused_key_is_a_one_line_error_naming_the_setting(
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "OPENAI_API_KEY" in lines[0], result.stderr
+
+
+def test_output_closed_early_ends_quietly(tmp_path: Path) -> None:
+    """``threadbot chat | head -1``: the reader leaves after one line; no traceback, status 0."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bots.main", "chat"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=chat_env(tmp_path, OFFLINE_DELAY="0.02"),
+        cwd=tmp_path,
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    proc.stdin.write(b"first question\nsecond question\n")
+    proc.stdin.close()
+    assert proc.stdout.readline()  # the first line of the answer
+    proc.stdout.close()
+    try:
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    errors = proc.stderr.read().decode()
+    assert "Traceback" not in errors and "BrokenPipe" not in errors
