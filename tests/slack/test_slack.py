@@ -523,7 +523,7 @@ async def test_shutdown_ends_replies_in_progress_with_a_note(sqlite_url: str) ->
 
 @pytest.mark.parametrize("name", ["slack-manifest.yml", "slack-manifest.socket.yml"])
 def test_manifest_matches_what_the_bot_serves(name: str) -> None:
-    text = (Path(__file__).resolve().parent.parent / name).read_text()
+    text = (Path(__file__).resolve().parents[2] / name).read_text()
     for scope in ("app_mentions:read", "chat:write", "commands", "channels:history", "im:history"):
         assert f"- {scope}\n" in text
     for event in ("app_mention", "message.channels", "message.groups", "message.im"):

@@ -16,7 +16,7 @@ import pytest
 
 from tests.wire.llm_server import LLMServerProcess, answer, unauthorized
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def chat_env(tmp_path: Path, **extra: str) -> dict[str, str]:
