@@ -35,7 +35,7 @@ from aiohttp import web
 from bots.slack.surface import CHAT_UPDATE_PER_SECOND, EDIT_BURST
 from core.config import Settings
 from core.limiters import budgets_for
-from core.reply import RateScope
+from core.ratelimit import RateScope
 from core.store import ConversationStore
 from tests.wire.slack.server import NETWORK_SLACK_CALLS, TokenBucket
 

@@ -37,8 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.errors import SurfaceRateLimited
-from core.ratelimit import URGENT_STREAK_LIMIT, Budgets
-from core.reply import RateScope
+from core.ratelimit import URGENT_STREAK_LIMIT, Budgets, RateScope
 from core.streaming import STREAMING_INDICATOR, ReplyStreamer
 from tests.fake_platform import FakeSurface, Platform, VirtualTimeLoop
 

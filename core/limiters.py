@@ -1,7 +1,8 @@
-"""The shared limiters behind ``Budgets``: Redis and PostgreSQL, and the factory that picks one.
+"""Rate-limit buckets shared across processes: the ``SharedLimiter`` seam, its guard, its backends.
 
-``core/ratelimit.py`` paces calls in a process and defines the ``SharedLimiter`` seam; this module
-holds its two implementations. Both run GCRA (the theoretical arrival time of the next call) on
+``core/ratelimit.py`` paces calls in a process; this module holds what several processes share:
+the ``SharedLimiter`` seam, ``SharedGuard`` (which makes any limiter safe to call from a budget:
+bounded, never raising) and the two implementations. Both run GCRA (the theoretical arrival time of the next call) on
 the backend's own clock, so processes on different hosts agree: Redis with a Lua script per take
 (``REDIS_URL``), PostgreSQL with one atomic statement per take through ``ConversationStore``
 (the only code that speaks SQL). ``budgets_for`` picks Redis when ``REDIS_URL`` is set, else
@@ -12,25 +13,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from core.errors import ConfigError
-from core.ratelimit import (
-    SHARED_CALL_TIMEOUT_SECONDS,
-    SHARED_EPSILON,
-    Budgets,
-    Clock,
-    SharedLimiter,
-    Sleeper,
-)
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from core.config import Settings
+    from core.ratelimit import Budgets, Clock, Sleeper
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# A wait of a microsecond from a shared limiter is no wait (clock resolution of the backends).
+SHARED_EPSILON = 1e-6
+#: Longest a shared limiter may take to answer before the call is paced in the process only.
+SHARED_CALL_TIMEOUT_SECONDS = 2.0
+#: After a shared limiter failed, how long calls skip it before asking it again.
+SHARED_RETRY_SECONDS = 5.0
 
 #: Redis keys of the shared buckets start with this (one hash per rate-limit scope).
 REDIS_KEY_PREFIX = "threadbot:rate:"
@@ -38,6 +42,117 @@ REDIS_KEY_PREFIX = "threadbot:rate:"
 REDIS_TTL_MARGIN_SECONDS = 60.0
 #: PostgreSQL rows of scopes idle this long are deleted, at most once per this period too.
 STORE_PRUNE_SECONDS = 3600.0
+
+
+class SharedLimiter(Protocol):
+    """Rate-limit buckets shared by every process of a deployment (the seam).
+
+    ``take(key, per_second, burst)`` atomically takes one call from the bucket of ``key`` and
+    returns 0, or takes nothing and returns the seconds to wait before asking again. The bucket
+    holds at most ``burst`` calls and refills at ``per_second`` (GCRA: the theoretical arrival
+    time, on the backend's own clock so processes on different hosts agree); callers pass the
+    rate each time, so a rate learnt from headers applies at once. ``pause(key, seconds)`` stops
+    the scope for every process (a 429's Retry-After): ``take`` answers the time left, and when
+    the pause ends one call may go, then the rate. Implementations raise on backend failure;
+    ``Budgets`` catches that and paces in the process. ``setting`` names the setting an operator
+    checks when the backend fails. ``aclose()`` releases the connections the limiter owns.
+    """
+
+    setting: str
+
+    async def take(self, key: str, per_second: float, burst: int) -> float: ...
+
+    async def pause(self, key: str, seconds: float) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class SharedGuard:
+    """A ``SharedLimiter`` that never raises: failures pace in the process, logged once.
+
+    Every backend call runs in its own task, bounded by ``SHARED_CALL_TIMEOUT_SECONDS``: a
+    caller cancelled meanwhile (the streamer re-plans a queued call) leaves it to finish rather
+    than cancelling a Redis command or SQL statement halfway, which can spoil the connection.
+    """
+
+    def __init__(self, limiter: SharedLimiter, *, now: Clock) -> None:
+        self.limiter = limiter
+        self._now = now
+        self._skip_until = -math.inf
+        self._outage = False
+        self.closed = False
+        self._pending: set[asyncio.Future[Any]] = set()
+
+    def _usable(self) -> bool:
+        return not self.closed and self._now() >= self._skip_until
+
+    def _start(self, call: Awaitable[T]) -> asyncio.Future[T]:
+        async def bounded() -> T:
+            async with asyncio.timeout(SHARED_CALL_TIMEOUT_SECONDS):
+                return await call
+
+        task = asyncio.ensure_future(bounded())
+        self._pending.add(task)
+        task.add_done_callback(self._settled)
+        return task
+
+    def _settled(self, task: asyncio.Future[Any]) -> None:
+        self._pending.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()  # also marks it retrieved when nobody awaits the task
+        if isinstance(error, Exception):
+            self._failed(error)
+        elif error is None:
+            self._answered()
+
+    async def take(self, key: str, per_second: float, burst: int) -> float:
+        """Seconds to wait before asking again; 0 when the call may go (or the backend failed)."""
+        if not self._usable():
+            return 0.0
+        try:
+            wait = await asyncio.shield(self._start(self.limiter.take(key, per_second, burst)))
+        except Exception:
+            return 0.0  # logged by _settled
+        # NaN or a negative answer is no reason to stop a reply.
+        return wait if wait > SHARED_EPSILON and math.isfinite(wait) else 0.0
+
+    def pause(self, key: str, seconds: float) -> None:
+        """Tell every process about a 429, in a task (callers are synchronous)."""
+        if not self._usable():
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no event loop: nothing to share with
+        self._start(self.limiter.pause(key, seconds))
+
+    async def flush(self) -> None:
+        """Wait until every backend call started so far has finished (each is bounded)."""
+        while self._pending:
+            await asyncio.wait(list(self._pending))
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await self.flush()
+        await self.limiter.aclose()
+
+    def _failed(self, error: Exception) -> None:
+        self._skip_until = self._now() + SHARED_RETRY_SECONDS
+        if not self._outage:
+            self._outage = True
+            log.warning(
+                "shared rate-limit budgets unavailable (%s: %s): pacing platform calls in this "
+                "process only, so several processes may exceed the platform's limits; check %s",
+                type(error).__name__,
+                error or "no answer",
+                self.limiter.setting,
+            )
+
+    def _answered(self) -> None:
+        if self._outage:
+            self._outage = False
+            log.warning("shared rate-limit budgets (%s) answer again", self.limiter.setting)
 
 
 class RateBudgetStore(Protocol):
@@ -188,6 +303,9 @@ def budgets_for(
     """The deployment's budgets: shared through Redis when REDIS_URL is set, else through
     PostgreSQL when ``store`` is on it, else paced in this process (SQLite: one process), with the
     ``RATE_LIMITS`` overrides of the published limits."""
+    # Imported here: core.ratelimit builds on this module's SharedGuard.
+    from core.ratelimit import Budgets
+
     shared: SharedLimiter | None
     if settings.redis_url:
         shared = RedisLimiter.from_url(settings.redis_url)

@@ -36,9 +36,9 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TypeVar
 
-from core.reply import RateScope
+from core.limiters import SharedGuard, SharedLimiter
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,6 @@ _EPSILON = 1e-9
 Sleeper = Callable[[float], Awaitable[None]]
 T = TypeVar("T")
 
-# A wait of a microsecond from a shared limiter is no wait (clock resolution of the backends).
-SHARED_EPSILON = 1e-6
-#: Longest a shared limiter may take to answer before the call is paced in the process only.
-SHARED_CALL_TIMEOUT_SECONDS = 2.0
-#: After a shared limiter failed, how long calls skip it before asking it again.
-SHARED_RETRY_SECONDS = 5.0
 #: Urgent calls granted in a row while ordinary callers wait, before the oldest of those goes:
 #: final texts jump the queue, yet progress edits keep at least a fifth of a saturated scope.
 URGENT_STREAK_LIMIT = 4
@@ -64,115 +58,19 @@ URGENT_STREAK_LIMIT = 4
 URGENT_RESERVE = 4
 
 
-class SharedLimiter(Protocol):
-    """Rate-limit buckets shared by every process of a deployment (the seam).
+@dataclass(frozen=True, slots=True)
+class RateScope:
+    """A platform rate-limit scope a call consumes, with the platform's published rate.
 
-    ``take(key, per_second, burst)`` atomically takes one call from the bucket of ``key`` and
-    returns 0, or takes nothing and returns the seconds to wait before asking again. The bucket
-    holds at most ``burst`` calls and refills at ``per_second`` (GCRA: the theoretical arrival
-    time, on the backend's own clock so processes on different hosts agree); callers pass the
-    rate each time, so a rate learnt from headers applies at once. ``pause(key, seconds)`` stops
-    the scope for every process (a 429's Retry-After): ``take`` answers the time left, and when
-    the pause ends one call may go, then the rate. Implementations raise on backend failure;
-    ``Budgets`` catches that and paces in the process. ``setting`` names the setting an operator
-    checks when the backend fails. ``aclose()`` releases the connections the limiter owns.
+    ``key`` names the scope as the platform really limits it (e.g. ``slack:T123:chat.update`` for a
+    method per workspace, ``discord:channel:42:edit`` for a channel's edit bucket); every reply in
+    the same scope shares one budget. ``per_second`` is the sustained rate, ``burst`` how many
+    calls may go at once after a quiet spell.
     """
 
-    setting: str
-
-    async def take(self, key: str, per_second: float, burst: int) -> float: ...
-
-    async def pause(self, key: str, seconds: float) -> None: ...
-
-    async def aclose(self) -> None: ...
-
-
-class _SharedPacing:
-    """A ``SharedLimiter`` that never raises: failures pace in the process, logged once.
-
-    Every backend call runs in its own task, bounded by ``SHARED_CALL_TIMEOUT_SECONDS``: a
-    caller cancelled meanwhile (the streamer re-plans a queued call) leaves it to finish rather
-    than cancelling a Redis command or SQL statement halfway, which can spoil the connection.
-    """
-
-    def __init__(self, limiter: SharedLimiter, *, now: Clock) -> None:
-        self.limiter = limiter
-        self._now = now
-        self._skip_until = -math.inf
-        self._outage = False
-        self.closed = False
-        self._pending: set[asyncio.Future[Any]] = set()
-
-    def _usable(self) -> bool:
-        return not self.closed and self._now() >= self._skip_until
-
-    def _start(self, call: Awaitable[T]) -> asyncio.Future[T]:
-        async def bounded() -> T:
-            async with asyncio.timeout(SHARED_CALL_TIMEOUT_SECONDS):
-                return await call
-
-        task = asyncio.ensure_future(bounded())
-        self._pending.add(task)
-        task.add_done_callback(self._settled)
-        return task
-
-    def _settled(self, task: asyncio.Future[Any]) -> None:
-        self._pending.discard(task)
-        if task.cancelled():
-            return
-        error = task.exception()  # also marks it retrieved when nobody awaits the task
-        if isinstance(error, Exception):
-            self._failed(error)
-        elif error is None:
-            self._answered()
-
-    async def take(self, key: str, per_second: float, burst: int) -> float:
-        """Seconds to wait before asking again; 0 when the call may go (or the backend failed)."""
-        if not self._usable():
-            return 0.0
-        try:
-            wait = await asyncio.shield(self._start(self.limiter.take(key, per_second, burst)))
-        except Exception:
-            return 0.0  # logged by _settled
-        # NaN or a negative answer is no reason to stop a reply.
-        return wait if wait > SHARED_EPSILON and math.isfinite(wait) else 0.0
-
-    def pause(self, key: str, seconds: float) -> None:
-        """Tell every process about a 429, in a task (callers are synchronous)."""
-        if not self._usable():
-            return
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return  # no event loop: nothing to share with
-        self._start(self.limiter.pause(key, seconds))
-
-    async def flush(self) -> None:
-        """Wait until every backend call started so far has finished (each is bounded)."""
-        while self._pending:
-            await asyncio.wait(list(self._pending))
-
-    async def aclose(self) -> None:
-        self.closed = True
-        await self.flush()
-        await self.limiter.aclose()
-
-    def _failed(self, error: Exception) -> None:
-        self._skip_until = self._now() + SHARED_RETRY_SECONDS
-        if not self._outage:
-            self._outage = True
-            log.warning(
-                "shared rate-limit budgets unavailable (%s: %s): pacing platform calls in this "
-                "process only, so several processes may exceed the platform's limits; check %s",
-                type(error).__name__,
-                error or "no answer",
-                self.limiter.setting,
-            )
-
-    def _answered(self) -> None:
-        if self._outage:
-            self._outage = False
-            log.warning("shared rate-limit budgets (%s) answer again", self.limiter.setting)
+    key: str
+    per_second: float
+    burst: int = 1
 
 
 @dataclass(eq=False, slots=True)
@@ -223,7 +121,7 @@ class Budget:
         *,
         now: Clock,
         sleep: Sleeper,
-        shared: _SharedPacing | None = None,
+        shared: SharedGuard | None = None,
     ) -> None:
         if scope.per_second <= 0 or scope.burst < 1:
             raise ValueError(f"rate scope {scope.key!r} needs per_second > 0 and burst >= 1")
@@ -466,7 +364,7 @@ class Budgets:
         self._sleep = sleep
         self._budgets: dict[str, Budget] = {}
         self._overrides = dict(overrides or {})
-        self._shared = _SharedPacing(shared, now=now) if shared is not None else None
+        self._shared = SharedGuard(shared, now=now) if shared is not None else None
 
     @property
     def shared(self) -> SharedLimiter | None:

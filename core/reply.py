@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from core.ratelimit import RateScope
 
 
 class ReplySink(Protocol):
@@ -64,21 +66,6 @@ class CollectingSink:
 
     async def cancel(self, note: str) -> None:
         self.cancelled = note
-
-
-@dataclass(frozen=True, slots=True)
-class RateScope:
-    """A platform rate-limit scope a call consumes, with the platform's published rate.
-
-    ``key`` names the scope as the platform really limits it (e.g. ``slack:T123:chat.update`` for a
-    method per workspace, ``discord:channel:42:edit`` for a channel's edit bucket); every reply in
-    the same scope shares one budget. ``per_second`` is the sustained rate, ``burst`` how many
-    calls may go at once after a quiet spell.
-    """
-
-    key: str
-    per_second: float
-    burst: int = 1
 
 
 class ReplySurface(Protocol):

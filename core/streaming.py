@@ -20,8 +20,8 @@ from core.errors import (
     SurfaceRateLimited,
     TransientSurfaceError,
 )
-from core.ratelimit import Budgets, Urgency
-from core.reply import RateScope, ReplySurface
+from core.ratelimit import Budgets, RateScope, Urgency
+from core.reply import ReplySurface
 from core.splitting import Splitter, fence_at_end
 
 #: ``PermanentSurfaceError.code`` values meaning "this platform/channel cannot stream natively":

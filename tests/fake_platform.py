@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from core.errors import PermanentSurfaceError, SurfaceRateLimited, TransientSurfaceError
-from core.reply import RateScope
+from core.ratelimit import RateScope
 from core.streaming import NATIVE_STREAM_ENDED_CODE
 
 T = TypeVar("T")

@@ -23,8 +23,7 @@ from core.errors import (
     SurfaceRateLimited,
     TransientSurfaceError,
 )
-from core.ratelimit import Budgets
-from core.reply import RateScope
+from core.ratelimit import Budgets, RateScope
 
 log = logging.getLogger(__name__)
 

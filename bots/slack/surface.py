@@ -36,7 +36,7 @@ from core.errors import (
     SurfaceRateLimited,
     TransientSurfaceError,
 )
-from core.reply import RateScope
+from core.ratelimit import RateScope
 from core.streaming import NATIVE_STREAM_UNSUPPORTED_CODES
 
 log = logging.getLogger(__name__)

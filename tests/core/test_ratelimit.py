@@ -10,8 +10,7 @@ import pytest
 from core.config import Settings
 from core.errors import ConfigError
 from core.limiters import budgets_for
-from core.ratelimit import URGENT_STREAK_LIMIT, Budgets, Urgency
-from core.reply import RateScope
+from core.ratelimit import URGENT_STREAK_LIMIT, Budgets, RateScope, Urgency
 from tests.fake_platform import run_virtual
 
 EDIT = RateScope("slack:T1:chat.update", per_second=50 / 60, burst=1)

@@ -23,14 +23,15 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from core.config import Settings
-from core.limiters import RedisLimiter, StoreLimiter, budgets_for
-from core.ratelimit import (
+from core.limiters import (
     SHARED_CALL_TIMEOUT_SECONDS,
     SHARED_RETRY_SECONDS,
-    Budgets,
+    RedisLimiter,
     SharedLimiter,
+    StoreLimiter,
+    budgets_for,
 )
-from core.reply import RateScope
+from core.ratelimit import Budgets, RateScope
 from core.store import ConversationStore
 from tests.fake_platform import run_virtual
 

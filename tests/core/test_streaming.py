@@ -11,8 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.ratelimit import Budgets
-from core.reply import RateScope
+from core.ratelimit import Budgets, RateScope
 from core.streaming import (
     EMPTY_ANSWER_TEXT,
     RETRACTED_TEXT,
