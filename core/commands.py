@@ -1,14 +1,20 @@
-"""The commands users type, platform-neutral: reset, system show|set|clear, help.
+"""The commands users type, platform-neutral: reset, system, history, help: parsing and running.
 
 Adapters turn a slash command, an app command or a mention's words into a ``Command`` and hand it
-to ``ChatEngine.run_command`` with its target: a conversation (a DM, a thread) or a channel's
-defaults for new threads.
+to the front door (``core.bot``) with its target: a conversation (a DM, a thread) or a channel's
+defaults for new threads. ``CommandRunner`` does it; how help is worded on each platform comes
+from the platform's ``HelpStyle``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+from core.config import HISTORY_STRATEGIES, Settings
+from core.conversation import ConversationKey
+from core.store import Conversation, ConversationStore
 
 Action = Literal[
     "reset",
@@ -26,7 +32,8 @@ MAX_SYSTEM_PROMPT_CHARS = 8000
 #: Bounds of a channel's history limits: messages under ``count``, tokens under the others.
 HISTORY_MESSAGES_RANGE = (1, 500)
 HISTORY_TOKENS_RANGE = (256, 1_000_000)
-HISTORY_STRATEGY_NAMES = ("count", "tokens", "summary")
+#: Shown in a reply cut short by a reset.
+CANCELLED_BY_RESET = "Stopped: the conversation was reset."
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +103,7 @@ def _parse_history(rest: str) -> Command:
     usage = (
         "Use `history count <messages>`, `history tokens <tokens>` or `history summary <tokens>`."
     )
-    if strategy not in HISTORY_STRATEGY_NAMES or len(numbers) > 1:
+    if strategy not in HISTORY_STRATEGIES or len(numbers) > 1:
         return Command("help", problem=f"I don't know that history setting. {usage}")
     if not numbers:
         return Command("history_set", strategy)
@@ -112,14 +119,25 @@ def _parse_history(rest: str) -> Command:
     return Command("history_set", strategy, limit)
 
 
-def help_text(command_prefix: str = "/chatbot ", *, app_commands: bool = False) -> str:
-    """What the help command answers; ``command_prefix`` is how commands are typed here.
+@dataclass(frozen=True, slots=True)
+class HelpStyle:
+    """How commands are typed on a platform, for the help text (part of its profile).
 
-    ``app_commands`` lists the forms of Discord's app commands (``/system set <text>``) instead
-    of typed words (``/chatbot system <text>``).
+    ``prefix`` is what goes before a command word (``"/chatbot "`` on Slack, ``"/"`` for app
+    commands and the terminal); ``app_commands`` lists subcommand forms (``system show``,
+    ``system set <text>``) instead of typed words (``system``, ``system <text>``); ``threads``
+    says how commands act in threads and channels (not in the terminal).
     """
-    p = command_prefix
-    if app_commands:
+
+    prefix: str = "/"
+    app_commands: bool = False
+    threads: bool = True
+
+
+def help_text(style: HelpStyle) -> str:
+    """What the help command answers, in the platform's own command forms."""
+    p = style.prefix
+    if style.app_commands:
         system = (
             f"• `{p}system show` — the system prompt in use\n"
             f"• `{p}system set <text>` — set the system prompt\n"
@@ -141,12 +159,166 @@ def help_text(command_prefix: str = "/chatbot ", *, app_commands: bool = False) 
             f"• `{p}history count 30`, `{p}history tokens 6000`, `{p}history summary 6000`, "
             f"`{p}history clear` — change it for this channel\n"
         )
-    return (
+    intro = (
         "I answer in threads: mention me with a question and reply in the thread to continue.\n"
-        f"• `{p}reset` — start this conversation over\n"
-        + system
-        + history
-        + f"• `{p}help` — this help\n"
+        if style.threads
+        else ""
+    )
+    outro = (
         "In a thread, mention me followed by the same words (`reset`, `system ...`) to act on "
         "that thread; in a channel, the commands set the defaults for new threads."
+        if style.threads
+        else ""
     )
+    lines = f"• `{p}reset` — start this conversation over\n" + system + history
+    return (intro + lines + f"• `{p}help` — this help\n" + outro).rstrip("\n")
+
+
+def changes_channel(command: Command, target: ConversationKey | ChannelTarget) -> bool:
+    """Whether ``command`` changes a channel's defaults (platforms may ask for rights)."""
+    if command.action in ("history_set", "history_clear"):
+        # History settings always belong to the channel, even when asked from a thread.
+        return True
+    return command.action in ("system_set", "system_clear") and isinstance(target, ChannelTarget)
+
+
+def system_prompt_for(
+    settings: Settings, conversation: Conversation, channel_prompt: str | None
+) -> tuple[str, str]:
+    """The system prompt in use and where it comes from: conversation, channel or default."""
+    if conversation.system_prompt:
+        return conversation.system_prompt, "conversation"
+    if channel_prompt:
+        return channel_prompt, "channel"
+    return settings.system_prompt, "default"
+
+
+class CommandRunner:
+    """Runs commands against the store. ``stop_turn(conversation_id, note)`` cancels a turn in
+    progress (a reset); ``help_styles`` maps a platform name to its help wording."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: ConversationStore,
+        stop_turn: Callable[[int, str], None],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self._stop_turn = stop_turn
+        self.help_styles: dict[str, HelpStyle] = {}
+
+    async def run(self, command: Command, target: ConversationKey | ChannelTarget) -> str:
+        """Do ``command`` on a conversation or on a channel's defaults; the answer to show."""
+        if command.action == "help":
+            text = help_text(self.help_styles.get(target.platform, HelpStyle()))
+            return f"{command.problem}\n\n{text}" if command.problem else text
+        if command.action.startswith("history_"):
+            return await self._history_command(command, target)
+        if command.action == "system_set" and len(command.text) > MAX_SYSTEM_PROMPT_CHARS:
+            return (
+                f"That system prompt is {len(command.text):,} characters; the limit is "
+                f"{MAX_SYSTEM_PROMPT_CHARS:,}."
+            )
+        if isinstance(target, ChannelTarget):
+            return await self._channel_command(command, target)
+        conversation, _ = await self.store.get_or_create(target)
+        if command.action == "reset":
+            self._stop_turn(conversation.id, CANCELLED_BY_RESET)
+            await self.store.reset(conversation.id)
+            return "Conversation reset: I've forgotten what we said here. The next message starts afresh."
+        if command.action == "system_set":
+            await self.store.set_system_prompt(conversation.id, command.text)
+            return f"System prompt for this conversation set to:\n> {_quote(command.text)}"
+        if command.action == "system_clear":
+            await self.store.set_system_prompt(conversation.id, None)
+            channel = await self.store.channel_settings(
+                target.platform, target.workspace, target.channel
+            )
+            prompt, variant = system_prompt_for(
+                self.settings, await self.store.get(conversation.id), channel.system_prompt
+            )
+            where = "this channel's default" if variant == "channel" else "the default"
+            return f"System prompt cleared; this conversation now uses {where}:\n> {_quote(prompt)}"
+        channel = await self.store.channel_settings(
+            target.platform, target.workspace, target.channel
+        )
+        prompt, variant = system_prompt_for(self.settings, conversation, channel.system_prompt)
+        source = {
+            "conversation": "set for this conversation",
+            "channel": "this channel's default",
+            "default": "the bot's default",
+        }[variant]
+        return f"System prompt ({source}):\n> {_quote(prompt)}"
+
+    async def _history_command(
+        self, command: Command, target: ConversationKey | ChannelTarget
+    ) -> str:
+        """History settings belong to a channel: in a thread or DM, to the one it lives in."""
+        where = (target.platform, target.workspace, target.channel)
+        if command.action == "history_set":
+            limit = command.limit
+            values: dict[str, Any] = {"history_strategy": command.text}
+            if command.text == "count":
+                values["max_history_messages"] = limit
+            elif limit is not None:
+                values["max_history_tokens"] = limit
+            await self.store.update_channel_settings(*where, **values)
+        elif command.action == "history_clear":
+            await self.store.update_channel_settings(
+                *where, history_strategy=None, max_history_messages=None, max_history_tokens=None
+            )
+        channel = await self.store.channel_settings(*where)
+        strategy = channel.history_strategy or self.settings.history_strategy
+        described = _describe_history(
+            strategy,
+            channel.max_history_messages or self.settings.max_history_messages,
+            channel.max_history_tokens or self.settings.max_history_tokens,
+        )
+        own = channel.history_strategy is not None
+        source = "this channel's setting" if own else "the bot's default"
+        prefix = {"history_set": "Done. ", "history_clear": "Back to the default. "}.get(
+            command.action, ""
+        )
+        return f"{prefix}Each request here sends {described} ({source})."
+
+    async def _channel_command(self, command: Command, target: ChannelTarget) -> str:
+        channel = await self.store.channel_settings(
+            target.platform, target.workspace, target.channel
+        )
+        if command.action == "reset":
+            return (
+                "Each thread is its own conversation, and a new thread always starts afresh. "
+                "To reset a thread, mention me in it and say `reset`."
+            )
+        if command.action == "system_set":
+            await self.store.update_channel_settings(
+                target.platform, target.workspace, target.channel, system_prompt=command.text
+            )
+            return f"Default system prompt for new threads in this channel set to:\n> {_quote(command.text)}"
+        if command.action == "system_clear":
+            await self.store.update_channel_settings(
+                target.platform, target.workspace, target.channel, system_prompt=None
+            )
+            return (
+                "This channel's default system prompt is cleared; new threads use the bot's "
+                f"default:\n> {_quote(self.settings.system_prompt)}"
+            )
+        if channel.system_prompt:
+            return f"Default system prompt for new threads in this channel:\n> {_quote(channel.system_prompt)}"
+        return (
+            "This channel has no default system prompt of its own; new threads use the bot's "
+            f"default:\n> {_quote(self.settings.system_prompt)}"
+        )
+
+
+def _describe_history(strategy: str, messages: int, tokens: int) -> str:
+    if strategy == "count":
+        return f"the newest {messages} messages"
+    if strategy == "tokens":
+        return f"the newest messages that fit {tokens:,} tokens"
+    return f"a running summary of older messages plus the newest that fit {tokens:,} tokens"
+
+
+def _quote(text: str) -> str:
+    return text.replace("\n", "\n> ")

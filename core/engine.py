@@ -3,8 +3,9 @@
 ``handle(incoming, reply)``: dedupe the platform message, serialise turns of one conversation,
 store the user message, build the window under the history policy, stream the provider's answer
 under the retry policy into the reply, store the assistant message. ``run_command`` does the
-platform-neutral commands. Adapters translate their events into ``IncomingMessage`` and
-implement a ``ReplySink`` (directly, or through ``ReplyStreamer``); nothing here knows a platform.
+platform-neutral commands through ``core.commands.CommandRunner``. The front door (``core.bot``)
+hands it each message with a ``ReplyStreamer`` over the platform's surface; the terminal hands
+it its own ``ReplySink``. Nothing here knows a platform.
 """
 
 from __future__ import annotations
@@ -15,9 +16,15 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-from core.commands import MAX_SYSTEM_PROMPT_CHARS, ChannelTarget, Command, help_text, parse_command
+from core.commands import (
+    ChannelTarget,
+    Command,
+    CommandRunner,
+    parse_command,
+    system_prompt_for,
+)
 from core.config import Settings
 from core.conversation import ConversationKey, IncomingMessage, Usage
 from core.errors import (
@@ -46,10 +53,7 @@ EMPTY_MESSAGE_HINT = (
     "Ask me something after the mention, for example “summarise this thread” or "
     "“how do I undo my last git commit?”. Say `help` to see the commands."
 )
-CANCELLED_BY_RESET = "Stopped: the conversation was reset."
 CANCELLED_DEFAULT = "Stopped before the answer was complete."
-
-COMMAND_PREFIXES = {"discord": "/", "cli": "/"}
 
 
 @dataclass(slots=True)
@@ -89,6 +93,7 @@ class ChatEngine:
         self._cancel_notes: dict[asyncio.Task[object], str] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._last_prune: float | None = None
+        self.commands = CommandRunner(settings, store, self._stop_turn)
 
     @classmethod
     async def create(cls, settings: Settings, *, provider: Provider | None = None) -> ChatEngine:
@@ -105,6 +110,17 @@ class ChatEngine:
             task.cancel()
         await self.provider.aclose()
         await self.store.close()
+
+    def _stop_turn(self, conversation_id: int, note: str) -> None:
+        """Cancel the turn answering in ``conversation_id`` (a reset), showing ``note``."""
+        active = self._active.get(conversation_id)
+        if active is not None and active is not asyncio.current_task():
+            self._cancel_notes[active] = note
+            active.cancel()
+
+    async def run_command(self, command: Command, target: ConversationKey | ChannelTarget) -> str:
+        """Do ``command`` (see ``core.commands.CommandRunner``); the answer to show."""
+        return await self.commands.run(command, target)
 
     async def cancel_all(self, note: str) -> None:
         """Cancel every turn in progress (shutdown); each reply shows ``note``."""
@@ -195,7 +211,7 @@ class ChatEngine:
         conversation = await self.store.get(conversation.id)
         key = conversation.key
         channel = await self.store.channel_settings(key.platform, key.workspace, key.channel)
-        system, variant = self._system_prompt(conversation, channel.system_prompt)
+        system, variant = system_prompt_for(self.settings, conversation, channel.system_prompt)
         await self.store.append(
             conversation,
             "user",
@@ -278,15 +294,6 @@ class ChatEngine:
         self._in_background(policy.after_turn(self.store, conversation, self.provider))
         return TurnResult("answered", answer, message_ids, conversation.id)
 
-    def _system_prompt(
-        self, conversation: Conversation, channel_prompt: str | None
-    ) -> tuple[str, str]:
-        if conversation.system_prompt:
-            return conversation.system_prompt, "conversation"
-        if channel_prompt:
-            return channel_prompt, "channel"
-        return self.settings.system_prompt, "default"
-
     def _failure_message(self, error: ProviderError, conversation: Conversation) -> str:
         if isinstance(error, ProviderAuthError):
             log.error(
@@ -348,130 +355,10 @@ class ChatEngine:
         if conversation is None:
             return None
         channel = await self.store.channel_settings(key.platform, key.workspace, key.channel)
-        system, _ = self._system_prompt(conversation, channel.system_prompt)
+        system, _ = system_prompt_for(self.settings, conversation, channel.system_prompt)
         return await policy_for(self.settings, channel).load(
             self.store, conversation, system=system
         )
-
-    async def run_command(self, command: Command, target: ConversationKey | ChannelTarget) -> str:
-        """Do ``command`` on a conversation or on a channel's defaults; the answer to show."""
-        platform = target.platform
-        prefix = COMMAND_PREFIXES.get(platform, self.settings.slack_command + " ")
-        if command.action == "help":
-            text = help_text(prefix, app_commands=platform == "discord")
-            return f"{command.problem}\n\n{text}" if command.problem else text
-        if command.action.startswith("history_"):
-            return await self._history_command(command, target)
-        if command.action == "system_set" and len(command.text) > MAX_SYSTEM_PROMPT_CHARS:
-            return (
-                f"That system prompt is {len(command.text):,} characters; the limit is "
-                f"{MAX_SYSTEM_PROMPT_CHARS:,}."
-            )
-        if isinstance(target, ChannelTarget):
-            return await self._channel_command(command, target)
-        conversation, _ = await self.store.get_or_create(target)
-        if command.action == "reset":
-            active = self._active.get(conversation.id)
-            if active is not None and active is not asyncio.current_task():
-                self._cancel_notes[active] = CANCELLED_BY_RESET
-                active.cancel()
-            await self.store.reset(conversation.id)
-            return "Conversation reset: I've forgotten what we said here. The next message starts afresh."
-        if command.action == "system_set":
-            await self.store.set_system_prompt(conversation.id, command.text)
-            return f"System prompt for this conversation set to:\n> {_quote(command.text)}"
-        if command.action == "system_clear":
-            await self.store.set_system_prompt(conversation.id, None)
-            channel = await self.store.channel_settings(
-                target.platform, target.workspace, target.channel
-            )
-            prompt, variant = self._system_prompt(
-                await self.store.get(conversation.id), channel.system_prompt
-            )
-            where = "this channel's default" if variant == "channel" else "the default"
-            return f"System prompt cleared; this conversation now uses {where}:\n> {_quote(prompt)}"
-        channel = await self.store.channel_settings(
-            target.platform, target.workspace, target.channel
-        )
-        prompt, variant = self._system_prompt(conversation, channel.system_prompt)
-        source = {
-            "conversation": "set for this conversation",
-            "channel": "this channel's default",
-            "default": "the bot's default",
-        }[variant]
-        return f"System prompt ({source}):\n> {_quote(prompt)}"
-
-    async def _history_command(
-        self, command: Command, target: ConversationKey | ChannelTarget
-    ) -> str:
-        """History settings belong to a channel: in a thread or DM, to the one it lives in."""
-        where = (target.platform, target.workspace, target.channel)
-        if command.action == "history_set":
-            limit = command.limit
-            values: dict[str, Any] = {"history_strategy": command.text}
-            if command.text == "count":
-                values["max_history_messages"] = limit
-            elif limit is not None:
-                values["max_history_tokens"] = limit
-            await self.store.update_channel_settings(*where, **values)
-        elif command.action == "history_clear":
-            await self.store.update_channel_settings(
-                *where, history_strategy=None, max_history_messages=None, max_history_tokens=None
-            )
-        channel = await self.store.channel_settings(*where)
-        strategy = channel.history_strategy or self.settings.history_strategy
-        described = _describe_history(
-            strategy,
-            channel.max_history_messages or self.settings.max_history_messages,
-            channel.max_history_tokens or self.settings.max_history_tokens,
-        )
-        own = channel.history_strategy is not None
-        source = "this channel's setting" if own else "the bot's default"
-        prefix = {"history_set": "Done. ", "history_clear": "Back to the default. "}.get(
-            command.action, ""
-        )
-        return f"{prefix}Each request here sends {described} ({source})."
-
-    async def _channel_command(self, command: Command, target: ChannelTarget) -> str:
-        channel = await self.store.channel_settings(
-            target.platform, target.workspace, target.channel
-        )
-        if command.action == "reset":
-            return (
-                "Each thread is its own conversation, and a new thread always starts afresh. "
-                "To reset a thread, mention me in it and say `reset`."
-            )
-        if command.action == "system_set":
-            await self.store.update_channel_settings(
-                target.platform, target.workspace, target.channel, system_prompt=command.text
-            )
-            return f"Default system prompt for new threads in this channel set to:\n> {_quote(command.text)}"
-        if command.action == "system_clear":
-            await self.store.update_channel_settings(
-                target.platform, target.workspace, target.channel, system_prompt=None
-            )
-            return (
-                "This channel's default system prompt is cleared; new threads use the bot's "
-                f"default:\n> {_quote(self.settings.system_prompt)}"
-            )
-        if channel.system_prompt:
-            return f"Default system prompt for new threads in this channel:\n> {_quote(channel.system_prompt)}"
-        return (
-            "This channel has no default system prompt of its own; new threads use the bot's "
-            f"default:\n> {_quote(self.settings.system_prompt)}"
-        )
-
-
-def _describe_history(strategy: str, messages: int, tokens: int) -> str:
-    if strategy == "count":
-        return f"the newest {messages} messages"
-    if strategy == "tokens":
-        return f"the newest messages that fit {tokens:,} tokens"
-    return f"a running summary of older messages plus the newest that fit {tokens:,} tokens"
-
-
-def _quote(text: str) -> str:
-    return text.replace("\n", "\n> ")
 
 
 def _plain_reason(error: TransientProviderError) -> str:

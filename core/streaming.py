@@ -24,25 +24,23 @@ from core.ratelimit import Budgets, RateScope, Urgency
 from core.reply import ReplySurface
 from core.splitting import Splitter, fence_at_end
 
-#: ``PermanentSurfaceError.code`` values meaning "this platform/channel cannot stream natively":
-#: the streamer falls back to post + edit for this reply. Codes are Slack's error strings from the
-#: chat.startStream / chat.appendStream reference pages; adapters may raise any of them.
-NATIVE_STREAM_UNSUPPORTED_CODES = frozenset(
-    {
-        "not_allowed",
-        "not_allowed_token_type",
-        "method_not_supported_for_channel_type",
-        "method_not_supported",
-        "unknown_method",
-        "missing_scope",
-        "feature_not_enabled",
-    }
-)
 
-#: ``PermanentSurfaceError.code`` when a native stream is no longer appendable (Slack ends
-#: streams after about 5 minutes: ``message_not_in_streaming_state``); the streamer finishes that
-#: message with ``edit`` (chat.update) and goes on with the edit path.
-NATIVE_STREAM_ENDED_CODE = "message_not_in_streaming_state"
+@dataclass(frozen=True, slots=True)
+class NativeStreams:
+    """What a platform's native (append-style) streams can do, as its adapter's profile says.
+
+    ``unsupported_codes``: ``PermanentSurfaceError.code`` values meaning "this platform or
+    channel cannot stream natively"; the reply falls back to post + edit. ``ended_code``: the
+    code of a stream that is no longer appendable (too old); the streamer finishes that message
+    with ``edit``. ``max_age_seconds``: streams are stopped this old, before the platform ends
+    them. ``per_scope``: natively streamed replies at once per ``native_scope`` of the surface
+    (admission, ``core.bot``); beyond it replies use edits.
+    """
+
+    unsupported_codes: frozenset[str]
+    ended_code: str
+    max_age_seconds: float
+    per_scope: int = 1
 
 
 @runtime_checkable
@@ -53,23 +51,27 @@ class AppendReplySurface(ReplySurface, Protocol):
 
     - ``scopes(call)`` also answers for ``"start"``, ``"append"`` and ``"stop"`` (Slack: method
       scopes per workspace, Tier 2 / Tier 4 / Tier 2), in addition to ``"post"`` and ``"edit"``.
+    - ``native_scope``: what native-stream admission counts per (Slack: the workspace); empty
+      when this reply cannot stream natively at all (a top-level DM answer on Slack).
     - ``start(text)`` begins a streaming message showing ``text`` (rendered, may be empty) and
       returns its platform id. A platform or channel that cannot stream raises
-      ``PermanentSurfaceError`` with a code in ``NATIVE_STREAM_UNSUPPORTED_CODES``; the streamer
+      ``PermanentSurfaceError`` with a code in ``NativeStreams.unsupported_codes``; the streamer
       then uses ``post`` / ``edit`` for the rest of the reply.
     - ``append(message_id, delta)`` appends rendered text. Appended text can never be replaced
       while the stream lives: on a retry, a correction of earlier text or a split, the streamer
       calls ``stop`` and then ``edit`` (chat.update) with the exact text.
     - ``stop(message_id, delta)`` ends the stream, appending ``delta`` (rendered, may be empty).
       After ``stop`` the message is an ordinary message: ``edit`` works on it.
-    - A dead stream (about 5 minutes old) raises ``PermanentSurfaceError`` with code
-      ``NATIVE_STREAM_ENDED_CODE`` from ``append`` or ``stop``; the streamer finishes it with
+    - A dead stream (too old) raises ``PermanentSurfaceError`` with code
+      ``NativeStreams.ended_code`` from ``append`` or ``stop``; the streamer finishes it with
       ``edit``.
     - Like every surface: ``SurfaceRateLimited`` on a 429, ``TransientSurfaceError`` for 5xx and
       timeouts; never sleeps or retries on its own. Rendering must be chunk-safe for appends:
       ``render(a + b) == render(a) + render(b)`` at the boundaries the streamer appends at
       (Slack ``markdown_text`` takes Markdown as is, so ``render`` is the identity there).
     """
+
+    native_scope: str
 
     async def start(self, text: str) -> str:
         """Start a natively streamed message showing ``text``; return its platform id."""
@@ -105,11 +107,8 @@ MAX_FAILED_CALLS = 3
 #: Backoff between transient failures: min(cap, base * 2^n) seconds.
 CALL_RETRY_BASE = 0.5
 CALL_RETRY_CAP = 5.0
-#: Slack ends native streams after about 5 minutes (``message_not_in_streaming_state``, see
-#: docs.slack.dev chat.appendStream); stop ours a little earlier and go on with chat.update.
-NATIVE_STREAM_MAX_SECONDS = 270.0
-#: Discord shows a typing indicator for 10 s after each trigger (discord-api-docs "Trigger
-#: Typing Indicator"); refresh it a little before it lapses while the model is silent.
+#: How often a typing indicator is refreshed while the model is silent, unless the platform's
+#: profile says otherwise (indicators typically lapse after about 10 s).
 TYPING_REFRESH_SECONDS = 8.0
 
 _STREAMING, _FINISHED, _FAILED, _CANCELLED = "streaming", "finished", "failed", "cancelled"
@@ -161,7 +160,9 @@ class ReplyStreamer:
         now: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         log_context: str = "",
-        native: bool = True,
+        native: NativeStreams | None = None,
+        on_native_refused: Callable[[str], None] | None = None,
+        typing_refresh: float = TYPING_REFRESH_SECONDS,
         indicator: str = STREAMING_INDICATOR,
         thinking_text: str = THINKING_TEXT,
         max_call_attempts: int = MAX_CALL_ATTEMPTS,
@@ -169,12 +170,18 @@ class ReplyStreamer:
         max_failed_calls: int = MAX_FAILED_CALLS,
         retry_base: float = CALL_RETRY_BASE,
         retry_cap: float = CALL_RETRY_CAP,
-        native_max_age: float = NATIVE_STREAM_MAX_SECONDS,
     ) -> None:
         self._surface = surface
         self._append: AppendReplySurface | None = (
-            surface if native and isinstance(surface, AppendReplySurface) else None
+            surface
+            if native is not None
+            and isinstance(surface, AppendReplySurface)
+            and surface.native_scope
+            else None
         )
+        self._native = native
+        self._on_native_refused = on_native_refused
+        self._typing_refresh = typing_refresh
         self._budgets = budgets
         self._now = now
         self._sleep = sleep
@@ -186,7 +193,6 @@ class ReplyStreamer:
         self._max_failed_calls = max_failed_calls
         self._retry_base = retry_base
         self._retry_cap = retry_cap
-        self._native_max_age = native_max_age
         self._splitter = Splitter(
             lambda markdown: len(surface.render(markdown)) <= surface.max_chars
         )
@@ -339,7 +345,8 @@ class ReplyStreamer:
                 return ("post", index)
             message = self._messages[index]
             if message.live:
-                aged = self._now() - message.started >= self._native_max_age
+                assert self._native is not None
+                aged = self._now() - message.started >= self._native.max_age_seconds
                 if aged or target.complete or not target.text.startswith(message.shown):
                     return ("stop", index)
                 if target.text != message.shown:
@@ -363,7 +370,7 @@ class ReplyStreamer:
                     if self._typing and not self._messages:
                         # Nothing posted yet: keep the typing indicator alive while we wait.
                         try:
-                            await asyncio.wait_for(self._wake.wait(), TYPING_REFRESH_SECONDS)
+                            await asyncio.wait_for(self._wake.wait(), self._typing_refresh)
                         except TimeoutError:
                             self._typing = await self._show_typing()
                         continue
@@ -507,12 +514,14 @@ class ReplyStreamer:
             self._messages.append(_Message(message_id, target.text, False, self._now()))
             return
         if kind == "start":
-            assert native is not None
+            assert native is not None and self._native is not None
             try:
                 message_id = await native.start(target.text)
             except PermanentSurfaceError as exc:
-                if exc.code not in NATIVE_STREAM_UNSUPPORTED_CODES:
+                if exc.code not in self._native.unsupported_codes:
                     raise
+                if self._on_native_refused is not None:
+                    self._on_native_refused(native.native_scope)
                 log.info(
                     "reply %s: native streaming refused (%s); using edits",
                     self._log_context,
@@ -540,7 +549,7 @@ class ReplyStreamer:
                 message.shown += delta
                 message.live = False
         except PermanentSurfaceError as exc:
-            if exc.code != NATIVE_STREAM_ENDED_CODE:
+            if self._native is None or exc.code != self._native.ended_code:
                 raise
             # The stream died (too old): what it shows stays; the edit path takes over.
             message.live = False

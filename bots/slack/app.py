@@ -1,22 +1,22 @@
 """The Slack bot: Bolt's async app translating Slack events into engine turns.
 
-``SlackBot`` is a translation and a dispatch, like Bolt's own adapters: a Slack event or slash
-command -> ``IncomingMessage`` / ``Command`` -> ``ChatEngine``, the answer streamed back by a
-``ReplyStreamer`` over ``SlackReply``. Platform checks stay at this edge:
+``SlackBot`` is a translation and a dispatch, like Bolt's own adapters: a Slack event becomes a
+``SlackArrival`` and a slash command a ``Command``, both handed to the front door
+(``core.bot.FrontDoor``), which routes, streams the answer into a ``SlackReply`` and keeps the
+turns in flight. Platform checks stay at this edge:
 
 - Noise is dropped first (``_drop_noise``, the first of our middleware; Bolt has verified the
   signature before it): edits, deletions, joins, bot messages (ours included) and every event
   we do not handle get a bare 200 and nothing else.
-- Every request is acked at once; the turn runs in a task the bot keeps (``_spawn``), cancelled
-  on shutdown so each open reply shows a note instead of stopping mid-sentence.
+- Every request is acked at once; the turn runs in a task the front door keeps, cancelled on
+  shutdown so each open reply shows a note instead of stopping mid-sentence.
 - Exactly once: Slack delivers a mention as both ``app_mention`` and ``message`` and retries
   events (``X-Slack-Retry-Num``). Both deliveries build the same message id ``channel:ts``; the
   engine records it under a unique constraint (correct across processes), and a per-process
   memory of recent ids drops the second copy before any database work.
-- Where a message goes: a mention in a channel starts (or continues) the conversation of the
-  thread under it; a thread the bot has a conversation in continues without a mention (unless
-  ``REQUIRE_MENTION``); a DM is one conversation. When first mentioned inside an existing
-  thread, the thread's earlier messages (``conversations.replies``) seed the conversation.
+- Where a message goes is the front door's decision (``core.bot.route``); this module says what
+  Slack calls a DM, a mention and a thread, and reads a thread's earlier messages
+  (``conversations.replies``) when the front door asks for them.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -40,21 +39,22 @@ from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
 from bots.slack.formatting import mentions, strip_mention, to_plain
-from bots.slack.surface import ReplyTarget, SlackReply, message_id, translate
-from core.commands import ChannelTarget, Command, parse_command
+from bots.slack.surface import NATIVE_STREAMS, ReplyTarget, SlackReply, message_id, translate
+from core.bot import (
+    SHUTDOWN_NOTE,
+    Facts,
+    FrontDoor,
+    NativeMode,
+    PlatformProfile,
+    Route,
+    ThreadLine,
+)
+from core.commands import ChannelTarget, Command, HelpStyle, parse_command
 from core.config import Settings
-from core.conversation import ChatMessage, ConversationKey, IncomingMessage
+from core.conversation import ConversationKey
 from core.engine import ChatEngine
 from core.errors import ConfigError
-from core.limiters import budgets_for
 from core.ratelimit import Budgets
-from core.streaming import (
-    EMPTY_ANSWER_TEXT,
-    RETRACTED_TEXT,
-    STREAMING_INDICATOR,
-    THINKING_TEXT,
-    ReplyStreamer,
-)
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +77,24 @@ RECENT_MESSAGE_IDS = 10_000
 #: new non-Marketplace apps get 15, docs.slack.dev changelog 2025-05). The history policy caps
 #: what is sent to the model anyway.
 THREAD_CONTEXT_LIMIT = 200
-#: Native streams at once per workspace in SLACK_STREAMING=auto: each costs a chat.startStream and
-#: a chat.stopStream, Tier 2 (~20 a minute, with a burst of a few); more replies use the edit path.
-NATIVE_STREAMS_PER_WORKSPACE = 3
 #: Largest request body accepted on the events endpoint (a 100 KB message escaped as JSON fits).
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
-#: What a reply still streaming shows when the bot shuts down.
-SHUTDOWN_NOTE = "_Stopped: the bot is restarting. Please ask again in a minute._"
-#: The streamer's own texts, left out of a thread's context.
-STREAMER_TEXTS = frozenset({THINKING_TEXT, EMPTY_ANSWER_TEXT, RETRACTED_TEXT})
+#: SLACK_STREAMING -> how the front door uses native streams.
+NATIVE_MODES: dict[str, NativeMode] = {"auto": "auto", "native": "always", "update": "never"}
+
+
+def profile(
+    settings: Settings, *, command_deadline: float = COMMAND_ACK_BUDGET_SECONDS
+) -> PlatformProfile:
+    """Slack as the front door sees it: typed commands after SLACK_COMMAND, no typing indicator,
+    native streams (``chat.startStream``) used as SLACK_STREAMING says."""
+    return PlatformProfile(
+        name=PLATFORM,
+        help=HelpStyle(prefix=settings.slack_command + " "),
+        command_deadline=command_deadline,
+        native=NATIVE_STREAMS,
+        native_mode=NATIVE_MODES[settings.slack_streaming],
+    )
 
 
 def build_client(settings: Settings) -> AsyncWebClient:
@@ -101,15 +110,6 @@ def build_client(settings: Settings) -> AsyncWebClient:
         retry_handlers=[],
         logger=logging.getLogger("slack_sdk.web"),
     )
-
-
-@dataclass(frozen=True, slots=True)
-class Turn:
-    """One routed user message: what the engine gets and where the answer goes."""
-
-    incoming: IncomingMessage
-    target: ReplyTarget
-    fetch_context: bool
 
 
 def check_settings(settings: Settings, *, socket_mode: bool, client: bool = False) -> None:
@@ -156,20 +156,19 @@ class SlackBot:
         self.socket_mode = bool(settings.slack_app_token) if socket_mode is None else socket_mode
         check_settings(settings, socket_mode=self.socket_mode, client=client is not None)
         self.client = client or build_client(settings)
-        self.budgets = budgets or budgets_for(settings, engine.store)
+        self.door = FrontDoor(
+            settings,
+            engine,
+            profile(settings, command_deadline=command_ack_budget),
+            budgets=budgets,
+        )
         self.rate_scale = rate_scale
-        self.command_ack_budget = command_ack_budget
         self.bot_user_id = ""
         self.team_id = ""
         self.ready = False
-        self.tasks: set[asyncio.Task[Any]] = set()
-        # Events passed on to Bolt's listeners that have not spawned their turn yet (drain).
+        # Events passed on to Bolt's listeners that have not reached the front door yet (drain).
         self._routing = 0
         self._recent: OrderedDict[str, None] = OrderedDict()
-        # Workspaces that answered chat.startStream with "not allowed" (SLACK_STREAMING=auto).
-        self._native_refused: set[str] = set()
-        # Replies streaming natively right now, per workspace (SLACK_STREAMING=auto).
-        self._native_in_flight: dict[str, int] = {}
         self._identity: AsyncSlackResponse | None = None
         self._identity_lock = asyncio.Lock()
 
@@ -245,18 +244,13 @@ class SlackBot:
     async def close(self, note: str = SHUTDOWN_NOTE) -> None:
         """Stop taking work; end every reply in progress with ``note`` and wait for them."""
         self.ready = False
-        await self.engine.cancel_all(note)
-        for task in list(self.tasks):
-            task.cancel()
-        if self.tasks:
-            await asyncio.wait(self.tasks, timeout=10)
-        await self.budgets.aclose()
+        await self.door.close(note)
 
     async def drain(self) -> None:
         """Wait until every event accepted so far has been answered (tests, benchmarks)."""
-        while self.tasks or self._routing:
-            if self.tasks:
-                await asyncio.wait(list(self.tasks))
+        while self._routing or self.door.in_flight:
+            if self.door.in_flight:
+                await self.door.drain()
             else:
                 # Bolt runs listeners in its own tasks, just after the ack.
                 await asyncio.sleep(0.005)
@@ -283,18 +277,7 @@ class SlackBot:
     async def _handle_health(self, request: web.Request) -> web.Response:
         if not self.ready:
             return web.json_response({"ok": False, "status": "starting"}, status=503)
-        return web.json_response({"ok": True, "turns_in_progress": len(self.tasks)})
-
-    def _spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coroutine, name=name)
-        self.tasks.add(task)
-        task.add_done_callback(self._finished)
-        return task
-
-    def _finished(self, task: asyncio.Task[Any]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("%s failed", task.get_name(), exc_info=task.exception())
+        return web.json_response({"ok": True, "turns_in_progress": self.door.in_flight})
 
     # -- events ----------------------------------------------------------------------------
 
@@ -316,7 +299,7 @@ class SlackBot:
         return None
 
     async def _on_event(self, event: dict[str, Any], body: dict[str, Any]) -> None:
-        """A message or mention (already acked by Bolt): route it and run the turn in a task."""
+        """A message or mention (already acked by Bolt): hand it to the front door."""
         try:
             team = str(body.get("team_id") or event.get("team") or self.team_id)
             id_ = message_id(str(event.get("channel", "")), str(event.get("ts", "")))
@@ -325,7 +308,7 @@ class SlackBot:
             if not self._is_candidate(event) or id_ in self._recent:
                 return
             self._remember(id_)
-            self._spawn(self._run_event(event, team), name=f"slack turn {id_}")
+            self.door.receive(SlackArrival(self, event, team))
         finally:
             self._routing -= 1
 
@@ -342,72 +325,8 @@ class SlackBot:
         while len(self._recent) > RECENT_MESSAGE_IDS:
             self._recent.popitem(last=False)
 
-    async def _run_event(self, event: dict[str, Any], team: str) -> None:
-        turn = await self._route(event, team)
-        if turn is None:
-            return
-        incoming = turn.incoming
-        if turn.fetch_context:
-            context = await self._thread_context(
-                turn.target.channel, incoming.key.thread, before=str(event.get("ts"))
-            )
-            incoming = IncomingMessage(
-                incoming.key,
-                incoming.text,
-                incoming.user_id,
-                incoming.message_id,
-                thread_context=context,
-                allow_commands=incoming.allow_commands,
-            )
-        team = turn.target.team
-        native = self._native_for(turn.target)
-        streamer = ReplyStreamer(
-            self.reply_surface(turn.target),
-            self.budgets,
-            native=native,
-            log_context=str(incoming.key),
-        )
-        if native:
-            self._native_in_flight[team] = self._native_in_flight.get(team, 0) + 1
-        try:
-            result = await self.engine.handle(incoming, streamer)
-        finally:
-            if native:
-                self._native_in_flight[team] -= 1
-        log.info("%s: %s (%s)", incoming.message_id, result.status, incoming.key)
-
-    async def _route(self, event: dict[str, Any], team: str) -> Turn | None:
-        """Where ``event`` belongs, or None when the bot stays silent."""
-        channel = str(event.get("channel", ""))
-        ts = str(event.get("ts", ""))
-        thread_ts = str(event.get("thread_ts") or "") or None
-        user = str(event.get("user", ""))
-        raw = str(event.get("text", ""))
-        mentioned = event.get("type") == "app_mention" or mentions(raw, self.bot_user_id)
-        text = to_plain(strip_mention(raw, self.bot_user_id))
-        user_team = str(event.get("user_team") or event.get("team") or team)
-        id_ = message_id(channel, ts)
-        if event.get("channel_type") == "im":
-            # The DM is one conversation; answer where the person wrote (top level or thread).
-            key = ConversationKey(PLATFORM, team, channel, "")
-            target = ReplyTarget(team, channel, thread_ts, user, user_team)
-            return Turn(IncomingMessage(key, text, user, id_), target, False)
-        key = ConversationKey(PLATFORM, team, channel, thread_ts or ts)
-        target = ReplyTarget(team, channel, thread_ts or ts, user, user_team)
-        if mentioned:
-            fetch = thread_ts is not None and not await self.engine.knows(key)
-            return Turn(IncomingMessage(key, text, user, id_), target, fetch)
-        if thread_ts is None or self.settings.require_mention:
-            return None
-        if not await self.engine.knows(key):
-            # A thread the bot was never mentioned in.
-            return None
-        return Turn(IncomingMessage(key, text, user, id_, allow_commands=False), target, False)
-
-    async def _thread_context(
-        self, channel: str, thread_ts: str, *, before: str
-    ) -> tuple[ChatMessage, ...]:
-        """The thread's messages before ``before``, oldest first, as the model should see them."""
+    async def thread_lines(self, channel: str, thread_ts: str, *, before: str) -> list[ThreadLine]:
+        """The thread's messages before ``before``, oldest first (``conversations.replies``)."""
         try:
             response = await self.client.conversations_replies(
                 channel=channel, ts=thread_ts, limit=THREAD_CONTEXT_LIMIT
@@ -416,67 +335,23 @@ class SlackBot:
             # The answer still goes out, only without the thread's earlier messages.
             reason = translate(error, method="conversations.replies", scope=None)
             log.warning("thread %s:%s: no earlier context (%s)", channel, thread_ts, reason)
-            return ()
-        context: list[ChatMessage] = []
+            return []
+        lines: list[ThreadLine] = []
         for message in response.get("messages") or []:
             ts = str(message.get("ts", ""))
             if float(ts or 0) >= float(before or 0):
                 continue
-            text = str(message.get("text", "")).strip()
+            text = str(message.get("text", ""))
             if message.get("user") == self.bot_user_id:
-                shown = text.removesuffix(STREAMING_INDICATOR.strip()).strip()
-                if shown and shown not in STREAMER_TEXTS:
-                    context.append(ChatMessage("assistant", shown))
-                continue
-            if not text or message.get("subtype") not in (None, *ANSWERED_SUBTYPES):
-                continue
-            who = str(message.get("user") or message.get("username") or "someone")
-            plain = to_plain(strip_mention(text, self.bot_user_id))
-            if plain:
-                context.append(ChatMessage("user", f"@{who}: {plain}"))
-        return tuple(context)
-
-    # -- replies ---------------------------------------------------------------------------
+                lines.append(ThreadLine("", text, from_bot=True))
+            elif message.get("subtype") in (None, *ANSWERED_SUBTYPES):
+                plain = to_plain(strip_mention(text, self.bot_user_id))
+                lines.append(ThreadLine(_speaker(message), plain))
+        return lines
 
     def reply_surface(self, target: ReplyTarget) -> SlackReply:
         """The surface one answer at ``target`` is streamed into."""
-        return SlackReply(
-            self.client,
-            target,
-            rate_scale=self.rate_scale,
-            on_native_refused=self._remember_refusal,
-        )
-
-    def _native_for(self, target: ReplyTarget) -> bool:
-        """Whether this reply should try Slack's native streaming.
-
-        ``update`` never; ``native`` wherever a thread is (Slack streams only as a reply); ``auto``
-        like native, except in workspaces that refused it and under load: chat.startStream and
-        chat.stopStream are Tier 2 (~20 a minute per workspace, two calls per reply), so beyond
-        ``NATIVE_STREAMS_PER_WORKSPACE`` streams at once, or while a start or stop would have to
-        queue, new replies take the edit path (Tier 3) instead of waiting for a stream.
-        """
-        mode = self.settings.slack_streaming
-        if mode == "update" or not target.thread_ts:
-            return False
-        if mode == "native":
-            return True
-        if target.team in self._native_refused:
-            return False
-        if self._native_in_flight.get(target.team, 0) >= NATIVE_STREAMS_PER_WORKSPACE:
-            return False
-        surface = self.reply_surface(target)
-        return all(
-            self.budgets.budget(scope).waiting == 0 and self.budgets.budget(scope).delay() == 0
-            for call in ("start", "stop")
-            for scope in surface.scopes(call)
-        )
-
-    def _remember_refusal(self, team: str, code: str) -> None:
-        if team not in self._native_refused:
-            log.info("workspace %s does not allow native streaming (%s): using edits", team, code)
-        if self.settings.slack_streaming == "auto":
-            self._native_refused.add(team)
+        return SlackReply(self.client, target, rate_scale=self.rate_scale)
 
     # -- slash command ---------------------------------------------------------------------
 
@@ -486,7 +361,8 @@ class SlackBot:
         command: dict[str, Any],
         respond: Callable[..., Awaitable[Any]],
     ) -> None:
-        """``/chatbot reset|system|system <text>|system clear|help``, answered ephemerally."""
+        """``/chatbot reset|system|history|help``, answered ephemerally: in the acknowledgement
+        when quick, else acknowledged empty and answered through the response_url."""
         parsed = parse_command(str(command.get("text", ""))) or Command("help")
         team = str(command.get("team_id") or self.team_id)
         channel = str(command.get("channel_id", ""))
@@ -495,31 +371,60 @@ class SlackBot:
             target = ConversationKey(PLATFORM, team, channel, "")
         else:
             target = ChannelTarget(PLATFORM, team, channel)
-        work = self._spawn(self._command_answer(parsed, target), name=f"slack command {channel}")
-        # A budget of 0 always answers through the response_url.
-        done = False
-        if self.command_ack_budget > 0:
-            await asyncio.wait({work}, timeout=self.command_ack_budget)
-            done = work.done()
-        if done:
-            await ack(response_type="ephemeral", text=work.result())
-            return
-        # Slow (a busy database): ack now, answer through the response_url when ready.
-        await ack()
+        acknowledged = False
 
-        async def respond_later() -> None:
-            await respond(response_type="ephemeral", text=await work)
+        async def acknowledge() -> None:
+            nonlocal acknowledged
+            acknowledged = True
+            await ack()
 
-        self._spawn(respond_later(), name=f"slack command answer {channel}")
+        answer = await self.door.command(parsed, target, acknowledge=acknowledge)
+        if acknowledged:
+            await respond(response_type="ephemeral", text=answer)
+        else:
+            await ack(response_type="ephemeral", text=answer)
 
-    async def _command_answer(
-        self, command: Command, target: ConversationKey | ChannelTarget
-    ) -> str:
-        try:
-            return await self.engine.run_command(command, target)
-        except Exception:
-            log.exception("command %s on %s failed", command.action, target)
-            return "Sorry, that command failed on my side. Please try again."
+
+class SlackArrival:
+    """One Slack message event, translated for the front door (``core.bot.Arrival``)."""
+
+    def __init__(self, bot: SlackBot, event: dict[str, Any], team: str) -> None:
+        self.bot = bot
+        self.event = event
+        channel = str(event.get("channel", ""))
+        ts = str(event.get("ts", ""))
+        thread_ts = str(event.get("thread_ts") or "") or None
+        self.user_id = str(event.get("user", ""))
+        self.message_id: str | None = message_id(channel, ts)
+        raw = str(event.get("text", ""))
+        direct = event.get("channel_type") == "im"
+        mentioned = event.get("type") == "app_mention" or mentions(raw, bot.bot_user_id)
+        self.facts = Facts(direct=direct, mentioned=mentioned, in_thread=thread_ts is not None)
+        user_team = str(event.get("user_team") or event.get("team") or team)
+        if direct:
+            # The DM is one conversation; answer where the person wrote (top level or thread).
+            self.key = ConversationKey(PLATFORM, team, channel, "")
+            self.target = ReplyTarget(team, channel, thread_ts, self.user_id, user_team)
+        else:
+            self.key = ConversationKey(PLATFORM, team, channel, thread_ts or ts)
+            self.target = ReplyTarget(team, channel, thread_ts or ts, self.user_id, user_team)
+
+    async def question(self) -> str:
+        return to_plain(strip_mention(str(self.event.get("text", "")), self.bot.bot_user_id))
+
+    async def thread(self) -> Sequence[ThreadLine]:
+        before = str(self.event.get("ts", ""))
+        return await self.bot.thread_lines(self.target.channel, self.key.thread, before=before)
+
+    async def reply(self, route: Route) -> SlackReply:
+        return self.bot.reply_surface(self.target)
+
+
+def _speaker(message: dict[str, Any]) -> str:
+    """Who wrote a thread message: the display name Slack includes, else the user id."""
+    profile = message.get("user_profile") or {}
+    name = profile.get("display_name") or profile.get("real_name")
+    return str(name or message.get("user") or message.get("username") or "someone")
 
 
 def _is_noise(event: dict[str, Any], bot_user_id: str) -> bool:

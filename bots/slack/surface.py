@@ -7,8 +7,8 @@
   short plain ``text`` for notifications;
 - the native path: ``chat.startStream`` / ``appendStream`` / ``stopStream`` with
   ``markdown_text``; the streamer falls back to the edit path when Slack answers that streaming
-  is not allowed (``on_native_refused`` lets the bot remember that for the workspace), and the
-  bot passes ``native=False`` to the streamer where it should not stream natively.
+  is not allowed (``NATIVE_STREAMS``: Slack's codes and limits, for the front door's profile),
+  and the front door decides per reply whether to stream natively at all.
 
 Every call names the rate-limit scopes it consumes, keyed as Slack limits them: per method per
 workspace (``slack:T123:chat.update``), and for ``chat.postMessage`` also per channel. slack_sdk
@@ -37,7 +37,7 @@ from core.errors import (
     TransientSurfaceError,
 )
 from core.ratelimit import RateScope
-from core.streaming import NATIVE_STREAM_UNSUPPORTED_CODES
+from core.streaming import NativeStreams
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,29 @@ TRANSIENT_ERRORS = frozenset(
 )
 #: Seconds to wait on a 429 that carries no Retry-After (Slack always sends one; be safe).
 DEFAULT_RETRY_AFTER = 1.0
+
+#: Slack's native streams (chat.startStream / appendStream / stopStream reference pages):
+#: - error strings meaning "this workspace or channel cannot stream natively": use edits;
+#: - ``message_not_in_streaming_state``: the stream ended (Slack ends them after about 5
+#:   minutes); stop ours a little earlier (270 s) and go on with chat.update;
+#: - 3 at once per workspace in SLACK_STREAMING=auto: each costs a chat.startStream and a
+#:   chat.stopStream, Tier 2 (~20 a minute, with a burst of a few); more replies use edits.
+NATIVE_STREAMS = NativeStreams(
+    unsupported_codes=frozenset(
+        {
+            "not_allowed",
+            "not_allowed_token_type",
+            "method_not_supported_for_channel_type",
+            "method_not_supported",
+            "unknown_method",
+            "missing_scope",
+            "feature_not_enabled",
+        }
+    ),
+    ended_code="message_not_in_streaming_state",
+    max_age_seconds=270.0,
+    per_scope=3,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,12 +155,12 @@ class SlackReply:
         target: ReplyTarget,
         *,
         rate_scale: float = 1.0,
-        on_native_refused: Callable[[str, str], None] | None = None,
     ) -> None:
         self.client = client
         self.target = target
-        # Called with (team, Slack error) when the workspace refuses native streaming.
-        self.on_native_refused = on_native_refused
+        # Native-stream admission counts per workspace; Slack streams only as a reply to a
+        # message, so a top-level DM answer cannot stream.
+        self.native_scope = target.team if target.thread_ts else ""
         # Tests and benchmarks run Slack's minute faster; the fake server scales its limits alike.
         self.rate_scale = rate_scale
 
@@ -231,14 +254,9 @@ class SlackReply:
         }
         if text:
             kwargs["markdown_text"] = text
-        try:
-            response = await self._call(
-                "start", "chat.startStream", self.client.chat_startStream, kwargs
-            )
-        except PermanentSurfaceError as error:
-            if error.code in NATIVE_STREAM_UNSUPPORTED_CODES and self.on_native_refused:
-                self.on_native_refused(self.target.team, error.code or "")
-            raise
+        response = await self._call(
+            "start", "chat.startStream", self.client.chat_startStream, kwargs
+        )
         return message_id(self.target.channel, str(response["ts"]))
 
     async def append(self, message_id: str, delta: str) -> None:

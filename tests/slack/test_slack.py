@@ -71,7 +71,7 @@ async def test_mention_streams_the_answer_into_the_thread_under_it(sqlite_url: s
 async def test_mention_inside_a_thread_is_seeded_with_the_thread(sqlite_url: str) -> None:
     async with running_bot(sqlite_url) as h:
         parent = h.fake.add_message(
-            CHANNEL, "Deploy failed on step 3 &amp; I'm stuck", user="U_BOB"
+            CHANNEL, "Deploy failed on step 3 &amp; I'm stuck", user="U_BOB", display_name="Bob"
         )
         h.fake.add_message(
             CHANNEL, "Logs say <https://l.io|disk full>", user="U_CAROL", thread_ts=parent.ts
@@ -84,8 +84,9 @@ async def test_mention_inside_a_thread_is_seeded_with_the_thread(sqlite_url: str
         await h.settle()
 
         assert user_turns(h) == [
-            ("user", "@U_BOB: Deploy failed on step 3 & I'm stuck"),
-            ("user", "@U_CAROL: Logs say disk full (https://l.io)"),
+            # Speakers by display name where Slack gives one, else by user id.
+            ("user", "Bob: Deploy failed on step 3 & I'm stuck"),
+            ("user", "U_CAROL: Logs say disk full (https://l.io)"),
             ("user", "what should we do?"),
         ]
         assert [m.visible() for m in h.fake.bot_messages(CHANNEL, parent.ts)][-1] == (
@@ -242,8 +243,7 @@ async def test_slash_command_in_a_dm_acts_on_the_dm_conversation(sqlite_url: str
 async def test_slow_slash_command_is_acked_then_answered_through_response_url(
     sqlite_url: str,
 ) -> None:
-    async with running_bot(sqlite_url) as h:
-        h.bot.command_ack_budget = 0.0
+    async with running_bot(sqlite_url, command_ack_budget=0.0) as h:
         answer = await h.sender.command("/chatbot", "help", response_url=h.fake.response_url("c1"))
         assert (answer.status, answer.body) == (200, "")
         await h.settle()
@@ -395,7 +395,7 @@ async def test_events_are_acked_before_the_turn_runs(sqlite_url: str) -> None:
         [answer] = await h.sender.mention("take your time", ts=ts, both=False)
         # The 200 came back while the turn (at least 0.8 s of streaming) is still running.
         assert answer.status == 200
-        assert h.bot.tasks
+        assert h.bot.door.in_flight
         await h.settle()
         assert final_text(h, ts) == "slow answer in pieces."
 
@@ -515,7 +515,7 @@ async def test_shutdown_ends_replies_in_progress_with_a_note(sqlite_url: str) ->
         text = final_text(h, ts)
         assert text.startswith("Partial ")
         assert text.endswith(SHUTDOWN_NOTE)
-        assert not h.bot.tasks
+        assert not h.bot.door.in_flight
 
 
 # -- 9. set-up: the manifests --------------------------------------------------------------------

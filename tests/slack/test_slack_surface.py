@@ -11,7 +11,7 @@ import pytest
 
 from bots.slack.app import build_client
 from bots.slack.formatting import fallback_text, mentions, strip_mention, to_plain
-from bots.slack.surface import ReplyTarget, SlackReply
+from bots.slack.surface import NATIVE_STREAMS, ReplyTarget, SlackReply
 from core.config import Settings
 from core.errors import PermanentSurfaceError, SurfaceRateLimited, TransientSurfaceError
 from tests.wire.slack import FakeSlack, Limit
@@ -25,14 +25,11 @@ async def fake() -> AsyncIterator[FakeSlack]:
         yield fake
 
 
-async def surface_for(fake: FakeSlack, url: str | None = None) -> tuple[SlackReply, list[str]]:
+async def surface_for(fake: FakeSlack, url: str | None = None) -> SlackReply:
     settings = Settings().with_overrides(
         slack_bot_token=fake.team.token, slack_api_url=url or fake.url
     )
-    client = build_client(settings)
-    refused: list[str] = []
-    surface = SlackReply(client, TARGET, on_native_refused=lambda team, code: refused.append(code))
-    return surface, refused
+    return SlackReply(build_client(settings), TARGET)
 
 
 def test_scopes_are_slacks_limits_per_method_per_workspace() -> None:
@@ -49,7 +46,7 @@ def test_scopes_are_slacks_limits_per_method_per_workspace() -> None:
 
 
 async def test_post_and_edit_send_markdown_blocks(fake: FakeSlack) -> None:
-    surface, _ = await surface_for(fake)
+    surface = await surface_for(fake)
     message_id = await surface.post("**Hi** <there> & `code`")
     channel, ts = message_id.split(":")
     await surface.edit(message_id, "Bye")
@@ -64,7 +61,7 @@ async def test_post_and_edit_send_markdown_blocks(fake: FakeSlack) -> None:
 async def test_429_is_rate_limited_with_retry_after_and_not_retried_by_the_sdk() -> None:
     limits = {"chat.postMessage": Limit(per_minute=1, burst=1, per_channel=True)}
     async with FakeSlack(limits=limits) as fake:
-        surface, _ = await surface_for(fake)
+        surface = await surface_for(fake)
         await surface.post("one")
         with pytest.raises(SurfaceRateLimited) as caught:
             await surface.post("two")
@@ -75,7 +72,7 @@ async def test_429_is_rate_limited_with_retry_after_and_not_retried_by_the_sdk()
 
 
 async def test_server_errors_and_dropped_connections_are_transient(fake: FakeSlack) -> None:
-    surface, _ = await surface_for(fake)
+    surface = await surface_for(fake)
     message_id = await surface.post("hello")
     fake.fail_next("chat.update", "internal_error", status=500)
     with pytest.raises(TransientSurfaceError):
@@ -90,13 +87,13 @@ async def test_server_errors_and_dropped_connections_are_transient(fake: FakeSla
     await stopped.start()
     url = stopped.url
     await stopped.stop()
-    unreachable, _ = await surface_for(fake, url)
+    unreachable = await surface_for(fake, url)
     with pytest.raises(TransientSurfaceError):
         await unreachable.post("anyone?")
 
 
 async def test_other_errors_are_permanent_with_slacks_code(fake: FakeSlack) -> None:
-    surface, _ = await surface_for(fake)
+    surface = await surface_for(fake)
     fake.fail_next("chat.postMessage", "channel_not_found")
     with pytest.raises(PermanentSurfaceError) as caught:
         await surface.post("hello")
@@ -107,7 +104,7 @@ async def test_other_errors_are_permanent_with_slacks_code(fake: FakeSlack) -> N
 
 
 async def test_native_stream_calls_and_refusal(fake: FakeSlack) -> None:
-    surface, refused = await surface_for(fake)
+    surface = await surface_for(fake)
     message_id = await surface.start("")
     await surface.append(message_id, "Hello ")
     await surface.stop(message_id, "world")
@@ -121,11 +118,11 @@ async def test_native_stream_calls_and_refusal(fake: FakeSlack) -> None:
     with pytest.raises(PermanentSurfaceError) as caught:
         await surface.start("")
     assert caught.value.code == "not_allowed"
-    assert refused == ["not_allowed"]
+    assert caught.value.code in NATIVE_STREAMS.unsupported_codes
 
 
 async def test_the_client_keeps_one_connection_pool_when_given_a_session(fake: FakeSlack) -> None:
-    surface, _ = await surface_for(fake)
+    surface = await surface_for(fake)
     async with aiohttp.ClientSession() as session:
         surface.client.session = session
         await surface.post("pooled")

@@ -19,7 +19,13 @@ import aiohttp
 from aiohttp import web
 
 from bots.slack.__main__ import serve
-from bots.slack.app import EVENTS_PATH, HEALTH_PATH, SlackBot, build_client
+from bots.slack.app import (
+    COMMAND_ACK_BUDGET_SECONDS,
+    EVENTS_PATH,
+    HEALTH_PATH,
+    SlackBot,
+    build_client,
+)
 from core.config import Settings
 from core.conversation import ChatMessage
 from core.engine import ChatEngine
@@ -73,6 +79,7 @@ async def running_bot(
     max_attempts: int = 3,
     start: bool = True,
     fake: FakeSlack | None = None,
+    command_ack_budget: float = COMMAND_ACK_BUDGET_SECONDS,
     **overrides: Any,
 ) -> AsyncIterator[Harness]:
     """Serve the fake Slack and the bot; yield a ``Harness``; shut both down."""
@@ -96,7 +103,14 @@ async def running_bot(
     session = aiohttp.ClientSession()
     client = build_client(settings)
     client.session = session
-    bot = SlackBot(settings, engine, client=client, budgets=Budgets(), rate_scale=rate_scale)
+    bot = SlackBot(
+        settings,
+        engine,
+        client=client,
+        budgets=Budgets(),
+        rate_scale=rate_scale,
+        command_ack_budget=command_ack_budget,
+    )
     runner = web.AppRunner(bot.web_app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -133,6 +133,8 @@ class Message:
     streaming: bool = False
     stream_started: float = 0.0
     recipient: tuple[str, str] | None = None
+    #: The author's display name, which Slack includes as ``user_profile`` when it has one.
+    display_name: str | None = None
     states: list[str] = field(default_factory=list)
     #: When each state appeared (the fake's clock), parallel to ``states``.
     times: list[float] = field(default_factory=list)
@@ -162,6 +164,8 @@ class Message:
             data["thread_ts"] = self.thread_ts
         if self.bot_id:
             data["bot_id"] = self.bot_id
+        if self.display_name:
+            data["user_profile"] = {"display_name": self.display_name}
         if self.blocks:
             data["blocks"] = self.blocks
         return data
@@ -283,10 +287,12 @@ class FakeSlack:
         thread_ts: str | None = None,
         bot_id: str | None = None,
         team_id: str | None = None,
+        display_name: str | None = None,
     ) -> Message:
         """A message a person (or another bot) posted, as conversations.replies will list it."""
         ts = self.next_ts()
         message = Message(team_id or self.team.team_id, channel, ts, user, text, thread_ts, bot_id)
+        message.display_name = display_name
         message.show(self._now())
         self.messages[(channel, ts)] = message
         return message

@@ -1,0 +1,350 @@
+"""The front door: what every platform adapter hands its messages and commands to.
+
+An adapter is a translator, as Bolt's adapters are: a platform event becomes an ``Arrival`` (the
+routing facts, the conversation it belongs to, and three callbacks that do platform I/O), a
+platform command becomes a ``Command`` with its target. Everything between lives here, once:
+
+- **Routing** (``route``): one pure decision for every platform: DMs, mentions of the bot (its
+  user or one of its roles), threads the bot is in, ``REQUIRE_MENTION``; where typed words such
+  as ``reset`` are commands; when a thread's earlier messages seed a new conversation.
+- **The turn** (``FrontDoor.receive`` / ``FrontDoor.answer``): builds the ``ReplyStreamer`` over
+  the adapter's surface with the deployment's shared budgets, admits native streaming, runs
+  ``ChatEngine.handle``.
+- **Turns in flight**: every turn runs in a task kept here; ``close`` ends each reply with one
+  shutdown note; ``drain`` waits until every accepted message is answered.
+- **Commands** (``FrontDoor.command``): answered within the platform's acknowledgement window
+  when they are quick, acknowledged first and answered later when they are not; one apology.
+- **Thread context** (``seed_context``): one speaker-label convention.
+
+What differs between platforms is a small ``PlatformProfile`` the adapter supplies. A new
+platform is a surface, a translator and a profile; nothing here changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from core.commands import ChannelTarget, Command, HelpStyle
+from core.config import Settings
+from core.conversation import ChatMessage, ConversationKey, IncomingMessage
+from core.engine import ChatEngine, TurnResult
+from core.errors import ThreadbotError
+from core.limiters import budgets_for
+from core.ratelimit import Budgets
+from core.reply import ReplySurface
+from core.streaming import (
+    EMPTY_ANSWER_TEXT,
+    RETRACTED_TEXT,
+    STREAMING_INDICATOR,
+    THINKING_TEXT,
+    TYPING_REFRESH_SECONDS,
+    AppendReplySurface,
+    NativeStreams,
+    ReplyStreamer,
+)
+
+log = logging.getLogger(__name__)
+
+#: What a reply still streaming shows when the bot shuts down (every platform).
+SHUTDOWN_NOTE = "_Stopped: the bot is restarting. Please ask again in a minute._"
+#: What a command that failed on our side answers (every platform).
+COMMAND_FAILED = "Sorry, that command failed on my side. Please try again in a moment."
+#: Seconds ``close`` waits for turns to end after cancelling them.
+SHUTDOWN_WAIT_SECONDS = 10.0
+#: The streamer's own texts: never part of a thread's context.
+STREAMER_TEXTS = frozenset({THINKING_TEXT, EMPTY_ANSWER_TEXT, RETRACTED_TEXT})
+
+NativeMode = Literal["auto", "always", "never"]
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformProfile:
+    """What the front door needs to know of a platform, supplied by its adapter.
+
+    ``command_deadline``: seconds a command may run before the adapter must acknowledge it
+    (platforms want an answer within about 3 s). ``typing_refresh``: how often a typing
+    indicator is renewed while the model is silent. ``native``: what the platform's native
+    streams can do (None: it has none); ``native_mode`` how to use them: ``always``, ``never``,
+    or ``auto`` (where the scope allows it and its budgets are idle).
+    """
+
+    name: str
+    help: HelpStyle
+    command_deadline: float
+    typing_refresh: float = TYPING_REFRESH_SECONDS
+    native: NativeStreams | None = None
+    native_mode: NativeMode = "never"
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What an adapter reads off one message, for routing.
+
+    ``mentioned``: the message mentions the bot's user or one of the bot's roles. ``in_thread``:
+    it was written inside a thread (not a DM's own thread: a DM is one conversation).
+    """
+
+    direct: bool
+    mentioned: bool
+    in_thread: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Whether and how to answer one message.
+
+    ``commands``: typed words such as ``reset`` act as commands (only where the bot is addressed
+    directly: a DM or a mention). ``seed``: read the thread's earlier messages first (the bot is
+    new to the thread). ``new_thread``: the answer opens a thread under the message.
+    """
+
+    answer: bool
+    commands: bool = False
+    seed: bool = False
+    new_thread: bool = False
+
+
+SILENT = Route(False)
+
+
+def route(facts: Facts, *, known: bool, require_mention: bool) -> Route:
+    """The one routing decision of every platform; ``known``: the bot has a conversation in the
+    message's thread."""
+    if facts.direct:
+        return Route(True, commands=True)
+    if not facts.in_thread:
+        return Route(True, commands=True, new_thread=True) if facts.mentioned else SILENT
+    if facts.mentioned:
+        return Route(True, commands=True, seed=not known)
+    # An unmentioned follow-up is a question, never a command: in a thread several people share,
+    # a bare "reset" should not wipe the conversation for everyone.
+    return Route(True) if known and not require_mention else SILENT
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadLine:
+    """One earlier message of a thread: who wrote it (a display name, else the platform's user
+    id), its text, and whether the bot wrote it."""
+
+    speaker: str
+    text: str
+    from_bot: bool = False
+
+
+def seed_context(lines: Sequence[ThreadLine]) -> tuple[ChatMessage, ...]:
+    """A thread's earlier messages as the model sees them: ``speaker: text`` for people, the
+    bot's own answers as assistant messages (without the streamer's indicator or its notices)."""
+    context: list[ChatMessage] = []
+    for line in lines:
+        text = line.text.strip()
+        if line.from_bot:
+            shown = text.removesuffix(STREAMING_INDICATOR.strip()).strip()
+            if shown and shown not in STREAMER_TEXTS:
+                context.append(ChatMessage("assistant", shown))
+        elif text:
+            context.append(ChatMessage("user", f"{line.speaker}: {text}"))
+    return tuple(context)
+
+
+class Arrival(Protocol):
+    """One platform message, as its adapter hands it over.
+
+    ``key`` is the conversation the message belongs to if it is answered (for a mention at the
+    top of a channel: the thread its answer opens). The three methods do the platform's I/O, in
+    the turn's task and only when needed: ``question`` the text for the model (mentions
+    stripped, attachments inlined), ``thread`` the thread's earlier messages (oldest first),
+    ``reply`` the surface the answer goes to (it may open a thread, as ``route.new_thread``
+    asks, or answer in place where it may not).
+    """
+
+    facts: Facts
+    key: ConversationKey
+    user_id: str
+    message_id: str | None
+
+    async def question(self) -> str: ...
+
+    async def thread(self) -> Sequence[ThreadLine]: ...
+
+    async def reply(self, route: Route) -> ReplySurface: ...
+
+
+class FrontDoor:
+    """Routing, turns, commands and shutdown for one platform (see the module docstring).
+
+    ``budgets`` paces every reply of the process (default: the deployment's, shared across
+    processes where ``REDIS_URL`` or PostgreSQL allow).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: ChatEngine,
+        profile: PlatformProfile,
+        *,
+        budgets: Budgets | None = None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.profile = profile
+        self.budgets = budgets or budgets_for(settings, engine.store)
+        engine.commands.help_styles[profile.name] = profile.help
+        self.accepting = True
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # Native streams in progress, and scopes that refused them (``native_mode`` auto).
+        self._native_in_flight: Counter[str] = Counter()
+        self._native_refused: set[str] = set()
+
+    # -- messages --------------------------------------------------------------------------
+
+    def receive(self, arrival: Arrival) -> asyncio.Task[TurnResult | None] | None:
+        """Take one message; its turn runs in a task kept until it ends (None: shutting down)."""
+        if not self.accepting:
+            return None
+        return self.spawn(self._receive(arrival), name=f"{self.profile.name} turn {arrival.key}")
+
+    async def _receive(self, arrival: Arrival) -> TurnResult | None:
+        facts = arrival.facts
+        known = False
+        if facts.in_thread and not facts.direct:
+            known = await self.engine.knows(arrival.key)
+        decision = route(facts, known=known, require_mention=self.settings.require_mention)
+        if not decision.answer:
+            return None
+        context = seed_context(await arrival.thread()) if decision.seed else ()
+        incoming = IncomingMessage(
+            arrival.key,
+            await arrival.question(),
+            arrival.user_id,
+            arrival.message_id,
+            thread_context=context,
+            allow_commands=decision.commands,
+        )
+        result = await self.answer(incoming, await arrival.reply(decision))
+        log.info("%s message %s: %s", self.profile.name, arrival.message_id, result.status)
+        return result
+
+    async def answer(self, incoming: IncomingMessage, surface: ReplySurface) -> TurnResult:
+        """Answer ``incoming`` into ``surface``: the streamer, its budgets, native admission."""
+        scope = self._native_scope(surface)
+        streamer = ReplyStreamer(
+            surface,
+            self.budgets,
+            native=self.profile.native if scope is not None else None,
+            on_native_refused=self._native_refused_by,
+            typing_refresh=self.profile.typing_refresh,
+            log_context=str(incoming.key),
+        )
+        if scope is not None:
+            self._native_in_flight[scope] += 1
+        try:
+            return await self.engine.handle(incoming, streamer)
+        finally:
+            if scope is not None:
+                self._native_in_flight[scope] -= 1
+
+    def _native_scope(self, surface: ReplySurface) -> str | None:
+        """The scope this reply streams natively in, or None for the edit path.
+
+        ``auto`` streams natively except in scopes that refused it and under load: beyond
+        ``NativeStreams.per_scope`` streams at once, or while a start or stop would queue for
+        its budget, replies take the edit path instead of waiting for a stream.
+        """
+        native, mode = self.profile.native, self.profile.native_mode
+        if native is None or mode == "never" or not isinstance(surface, AppendReplySurface):
+            return None
+        scope = surface.native_scope
+        if not scope:
+            return None
+        if mode == "always":
+            return scope
+        if scope in self._native_refused or self._native_in_flight[scope] >= native.per_scope:
+            return None
+        idle = all(
+            self.budgets.budget(limit).waiting == 0 and self.budgets.budget(limit).delay() == 0
+            for call in ("start", "stop")
+            for limit in surface.scopes(call)
+        )
+        return scope if idle else None
+
+    def _native_refused_by(self, scope: str) -> None:
+        if self.profile.native_mode != "auto":
+            return
+        if scope not in self._native_refused:
+            log.info("%s %s does not allow native streaming: using edits", self.profile.name, scope)
+        self._native_refused.add(scope)
+
+    # -- commands --------------------------------------------------------------------------
+
+    async def command(
+        self,
+        command: Command,
+        target: ConversationKey | ChannelTarget,
+        *,
+        acknowledge: Callable[[], Awaitable[None]],
+    ) -> str:
+        """Run ``command``; the answer to show (an apology when it failed on our side).
+
+        A command still running after ``profile.command_deadline`` calls ``acknowledge`` first
+        (Slack: an empty ack; Discord: a deferred "thinking"), so the platform's window holds.
+        """
+        work: asyncio.Task[str] = self.spawn(
+            self._command_answer(command, target), name=f"command {command.action}"
+        )
+        deadline = self.profile.command_deadline
+        if deadline > 0:
+            await asyncio.wait({work}, timeout=deadline)
+        if not work.done():
+            await acknowledge()
+        return await work
+
+    async def _command_answer(
+        self, command: Command, target: ConversationKey | ChannelTarget
+    ) -> str:
+        try:
+            return await self.engine.run_command(command, target)
+        except ThreadbotError as error:
+            log.warning("command %s on %s failed: %s", command.action, target, error)
+            return str(error) or COMMAND_FAILED
+        except Exception:
+            log.exception("command %s on %s failed", command.action, target)
+            return COMMAND_FAILED
+
+    # -- tasks and shutdown ----------------------------------------------------------------
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any]:
+        """Run ``coroutine`` as work in flight: ``drain`` waits for it, ``close`` cancels it."""
+        task = asyncio.create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s failed", task.get_name(), exc_info=task.exception())
+
+    @property
+    def in_flight(self) -> int:
+        """Turns and commands in progress."""
+        return len(self._tasks)
+
+    async def drain(self) -> None:
+        """Wait until every message and command accepted so far has been answered."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+    async def close(self, note: str = SHUTDOWN_NOTE) -> None:
+        """Take no more work; end every reply in progress with ``note`` and wait for them."""
+        self.accepting = False
+        await self.engine.cancel_all(note)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=SHUTDOWN_WAIT_SECONDS)
+        await self.budgets.aclose()
