@@ -1,6 +1,6 @@
 """Five replies streaming at once in one Discord channel, at Discord's real per-channel limits.
 
-The real discord.py client (ThreadbotClient) against the local fake Discord (tests/wire/discord),
+The real discord.py client (DiscordBot) against the local fake Discord (tests/wire/discord),
 which enforces 5 posts and 5 edits per 5 s per channel and 50 requests/s per bot with real 429s.
 The bot may not open threads in the channel, so every reply lands in the channel itself and all
 share one edit bucket: the worst case for pacing. Prints 429s seen, edits made, and the slowest

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from core.errors import PermanentSurfaceError, SurfaceRateLimited, TransientSurfaceError
 from core.ratelimit import RateScope
-from core.streaming import NATIVE_STREAM_ENDED_CODE
+from core.streaming import NativeStreams
 
 T = TypeVar("T")
 
@@ -187,8 +187,20 @@ class FakeSurface:
         return [self.platform.texts[message_id] for message_id in self.posted]
 
 
+#: The fake platform's native streams: what it answers when it cannot stream, when a stream
+#: ended, and how long streams may live.
+FAKE_NATIVE = NativeStreams(
+    unsupported_codes=frozenset({"method_not_supported_for_channel_type", "not_allowed"}),
+    ended_code="stream_ended",
+    max_age_seconds=270.0,
+    per_scope=3,
+)
+
+
 class FakeAppendSurface(FakeSurface):
     """A ``FakeSurface`` with Slack-style native streams (start / append / stop)."""
+
+    native_scope = "fake"
 
     def __init__(
         self,
@@ -223,7 +235,7 @@ class FakeAppendSurface(FakeSurface):
         started = self.live.get(message_id)
         if started is None or self.platform.now() - started > self.lifetime:
             self.live.pop(message_id, None)
-            raise PermanentSurfaceError("fake: stream ended", code=NATIVE_STREAM_ENDED_CODE)
+            raise PermanentSurfaceError("fake: stream ended", code=FAKE_NATIVE.ended_code)
 
     async def start(self, text: str) -> str:
         if self.refuse is not None:

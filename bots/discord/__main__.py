@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import discord
 
-from bots.discord.client import ThreadbotClient
+from bots.discord.client import DiscordBot
 from core.config import Settings
 from core.engine import ChatEngine
 from core.errors import ConfigError
@@ -51,7 +51,7 @@ async def run(settings: Settings, *, engine: ChatEngine | None = None) -> None:
     engine = engine or await ChatEngine.create(settings)
     log.info("language model: %s", engine.provider.label)
     # Flushed: under a process manager stdout is a pipe, and the invite URL is wanted now.
-    client = ThreadbotClient(settings, engine, announce=functools.partial(print, flush=True))
+    client = DiscordBot(settings, engine, announce=functools.partial(print, flush=True))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,24 +1,25 @@
-"""The Discord bot: a discord.py ``Client`` that turns messages and app commands into engine calls.
+"""The Discord bot: a discord.py ``Client`` translating messages and app commands for the front door.
 
-Edge rules (who gets an answer, where) live here, as bolt's middleware does for Slack; the turn
-itself is ``ChatEngine.handle`` streaming into a ``ReplyStreamer`` over ``DiscordReply``.
+Each person's message becomes a ``DiscordArrival`` and each app command a ``Command``, handed to
+``core.bot.FrontDoor``, which routes them (the same rules as every platform), streams the answer
+into a ``DiscordReply`` and keeps the turns in flight. What is Discord's stays here:
 
-- A mention in a text channel opens a thread on the message (its id is the message's id) and the
-  answer streams inside; a mention in a thread or forum post answers there.
-- Later messages in a thread the bot has a conversation in continue it without a mention, unless
-  ``REQUIRE_MENTION`` is set. Every DM message is a turn.
-- Other bots, webhooks, the bot itself, edits and system messages get no answer.
-- Gateway events are acknowledged at once: each turn runs in a task the client keeps and cancels
-  on shutdown. A MESSAGE_CREATE replayed after a RESUME is dropped by the engine's dedupe.
+- what counts as a mention (the bot's user, or the bot's own role, which the composer offers
+  next to it), a DM and a thread;
+- a mention in a text channel opens a thread on the message (its id is the message's id) and the
+  answer streams inside; where the bot may not open one it answers as a reply in the channel;
+- other bots, webhooks, the bot itself and system messages are dropped before anything else;
+- app commands, their Manage Channels check, and the interaction's 3 s window (deferred when a
+  command is slow). A MESSAGE_CREATE replayed after a RESUME is dropped by the engine's dedupe.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import discord
@@ -28,14 +29,12 @@ from discord.gateway import DiscordWebSocket
 
 from bots.discord.attachments import with_attachments
 from bots.discord.surface import DiscordReply
-from core.commands import ChannelTarget, Command, parse_command
+from core.bot import Facts, FrontDoor, PlatformProfile, Route, ThreadLine
+from core.commands import ChannelTarget, Command, HelpStyle, changes_channel, parse_command
 from core.config import Settings
-from core.conversation import ChatMessage, ConversationKey, IncomingMessage
+from core.conversation import ConversationKey
 from core.engine import ChatEngine
-from core.errors import ThreadbotError
-from core.limiters import budgets_for
 from core.ratelimit import Budgets
-from core.streaming import ReplyStreamer
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +73,17 @@ THREAD_TYPES = frozenset(
     }
 )
 
+#: Discord shows a typing indicator for 10 s after each trigger (discord-api-docs "Trigger
+#: Typing Indicator"); refresh it a little before it lapses while the model is silent.
+TYPING_REFRESH_SECONDS = 8.0
+#: Discord as the front door sees it: app commands (``/system set``), typing, no native streams.
+PROFILE = PlatformProfile(
+    name=PLATFORM,
+    help=HelpStyle(prefix="/", app_commands=True),
+    command_deadline=INTERACTION_DEFER_AFTER,
+    typing_refresh=TYPING_REFRESH_SECONDS,
+)
+
 MANAGE_CHANNELS_NEEDED = (
     "Changing this channel's default system prompt needs the Manage Channels permission. "
     "Inside a thread, `/system set` changes that thread's conversation only."
@@ -81,8 +91,6 @@ MANAGE_CHANNELS_NEEDED = (
 MANAGE_CHANNELS_FOR_HISTORY = (
     "Changing how much history this channel sends needs the Manage Channels permission."
 )
-COMMAND_FAILED = "Sorry, that command failed. Please try again in a moment."
-SHUTDOWN_NOTE = "Stopped: the bot is restarting. Please ask again in a moment."
 THREAD_PERMISSIONS = ("create_public_threads", "send_messages_in_threads")
 
 
@@ -135,8 +143,8 @@ def commands_differ(local: list[dict[str, Any]], remote: list[dict[str, Any]]) -
     return key(local) != key(remote)
 
 
-class ThreadbotClient(discord.Client):
-    """discord.py client wired to a ``ChatEngine``. ``budgets`` is shared by every reply."""
+class DiscordBot(discord.Client):
+    """discord.py client wired to the front door. ``budgets`` is shared by every reply."""
 
     def __init__(
         self,
@@ -152,17 +160,20 @@ class ThreadbotClient(discord.Client):
 
         self.settings = settings
         self.engine = engine
-        self.budgets = budgets or budgets_for(settings, engine.store)
-        self.defer_after = defer_after
+        self.door = FrontDoor(
+            settings,
+            engine,
+            dataclasses.replace(PROFILE, command_deadline=defer_after),
+            budgets=budgets,
+        )
         self.announce = announce or (lambda line: log.info("%s", line))
         super().__init__(
             intents=bot_intents(),
-            http_trace=rate_limit_trace(self.budgets),
+            http_trace=rate_limit_trace(self.door.budgets),
             allowed_mentions=discord.AllowedMentions.none(),
             **options,
         )
         self.tree = app_commands.CommandTree(self)
-        self._tasks: set[asyncio.Task[None]] = set()
         #: Whether the last start pushed commands to Discord (False: they were up to date).
         self.commands_synced: bool | None = None
         self._add_commands()
@@ -188,24 +199,15 @@ class ThreadbotClient(discord.Client):
         DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(url)
 
     async def close(self) -> None:
-        """Cancel turns in progress (their replies say so), then disconnect."""
-        if self._tasks:
-            await self.engine.cancel_all(SHUTDOWN_NOTE)
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        """End turns in progress (their replies say so), then disconnect."""
+        if not self.door.accepting:
+            return await super().close()
+        await self.door.close()
         await super().close()
-        await self.budgets.aclose()
 
-    def _spawn(self, coro: Any, name: str) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def wait_idle(self) -> None:
+    async def drain(self) -> None:
         """Wait for every turn in progress (tests, graceful shutdown)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.door.drain()
 
     # -- app commands --------------------------------------------------------------------------
 
@@ -305,31 +307,20 @@ class ThreadbotClient(discord.Client):
 
     async def _run_command(self, interaction: discord.Interaction, command: Command) -> None:
         target = self._command_target(interaction)
-        changes_channel = command.action in ("system_set", "system_clear") and isinstance(
-            target, ChannelTarget
-        )
-        # History settings always belong to the channel, even when asked from a thread.
-        changes_history = command.action in ("history_set", "history_clear")
-        if (changes_channel or changes_history) and not interaction.permissions.manage_channels:
-            needed = MANAGE_CHANNELS_FOR_HISTORY if changes_history else MANAGE_CHANNELS_NEEDED
+        if changes_channel(command, target) and not interaction.permissions.manage_channels:
+            history = command.action in ("history_set", "history_clear")
+            needed = MANAGE_CHANNELS_FOR_HISTORY if history else MANAGE_CHANNELS_NEEDED
             await interaction.response.send_message(needed, ephemeral=True)
             return
-        work = asyncio.ensure_future(self.engine.run_command(command, target))
-        deferred = True  # defer_after <= 0: always defer
-        if self.defer_after > 0:
-            done, _ = await asyncio.wait({work}, timeout=self.defer_after)
-            deferred = work not in done
-        if deferred:
+        deferred = False
+
+        async def defer() -> None:
             # Not answered within the interaction's 3 s: say "thinking" now, edit later.
+            nonlocal deferred
+            deferred = True
             await interaction.response.defer(ephemeral=True, thinking=True)
-        try:
-            answer = await work
-        except ThreadbotError as error:
-            log.warning("command %s on %s failed: %s", command.action, target, error)
-            answer = str(error) or COMMAND_FAILED
-        except Exception:
-            log.exception("command %s on %s failed", command.action, target)
-            answer = COMMAND_FAILED
+
+        answer = await self.door.command(command, target, acknowledge=defer)
         answer = answer[: DiscordReply.max_chars]
         if deferred:
             await interaction.edit_original_response(content=answer)
@@ -347,67 +338,25 @@ class ThreadbotClient(discord.Client):
             return False
         return message.type in CONVERSATIONAL_TYPES
 
-    def _mentions_me(self, message: discord.Message) -> bool:
-        return self.user is not None and self.user.id in message.raw_mentions
+    def mentions_me(self, message: discord.Message) -> bool:
+        """The message mentions the bot's user or the bot's own role."""
+        if self.user is not None and self.user.id in message.raw_mentions:
+            return True
+        role = message.guild.self_role if message.guild is not None else None
+        return role is not None and role.id in message.raw_role_mentions
 
-    def _strip_mentions(self, text: str) -> str:
+    def strip_mentions(self, message: discord.Message) -> str:
+        """The message's text without mentions of the bot (user or role)."""
         assert self.user is not None
-        return re.sub(rf"<@!?{self.user.id}>", " ", text).strip()
+        text = re.sub(rf"<@!?{self.user.id}>", " ", message.content)
+        role = message.guild.self_role if message.guild is not None else None
+        if role is not None:
+            text = text.replace(f"<@&{role.id}>", " ")
+        return text.strip()
 
     async def on_message(self, message: discord.Message) -> None:
         if self._addressed(message):
-            self._spawn(self._respond(message), name=f"discord-turn-{message.id}")
-
-    async def _respond(self, message: discord.Message) -> None:
-        try:
-            await self._turn(message)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("turn for Discord message %s failed", message.id)
-
-    async def _turn(self, message: discord.Message) -> None:
-        mentioned = self._mentions_me(message)
-        text = self._strip_mentions(message.content)
-        channel = message.channel
-        reference: discord.Message | None = None
-        context: tuple[ChatMessage, ...] = ()
-        if message.guild is None:
-            key = ConversationKey(PLATFORM, DM_WORKSPACE, str(channel.id))
-        elif isinstance(channel, discord.Thread):
-            key = self._thread_key(channel)
-            known = await self.engine.knows(key)
-            if not mentioned and (self.settings.require_mention or not known):
-                return
-            if not known:
-                context = await self._thread_context(channel, message)
-        elif mentioned and isinstance(channel, discord.TextChannel):
-            thread = None
-            if text or message.attachments:
-                thread = await self._open_thread(message, channel, text)
-            if thread is not None:
-                channel, key = thread, self._thread_key(thread)
-            else:
-                # No thread (empty mention, or not allowed): answer as a reply in the channel.
-                reference = message
-                key = ConversationKey(
-                    PLATFORM, str(message.guild.id), str(channel.id), str(message.id)
-                )
-        else:
-            return
-        if message.attachments:
-            text = await with_attachments(text, message.attachments)
-        incoming = IncomingMessage(
-            key=key,
-            text=text,
-            user_id=str(message.author.id),
-            message_id=str(message.id),
-            thread_context=context,
-        )
-        surface = DiscordReply(channel, reference=reference)
-        streamer = ReplyStreamer(surface, self.budgets, log_context=f"discord {key}")
-        result = await self.engine.handle(incoming, streamer)
-        log.info("discord message %s in %s: %s", message.id, key, result.status)
+            self.door.receive(DiscordArrival(self, message))
 
     @staticmethod
     def _thread_key(thread: discord.Thread) -> ConversationKey:
@@ -415,7 +364,7 @@ class ThreadbotClient(discord.Client):
             PLATFORM, str(thread.guild.id), str(thread.parent_id), str(thread.id)
         )
 
-    async def _open_thread(
+    async def open_thread(
         self, message: discord.Message, channel: discord.TextChannel, text: str
     ) -> discord.Thread | None:
         """Start a thread on the message; None when the bot may not (it answers in the channel)."""
@@ -451,21 +400,65 @@ class ThreadbotClient(discord.Client):
                     thread = fetched
         return thread
 
-    async def _thread_context(
+    async def thread_lines(
         self, thread: discord.Thread, message: discord.Message
-    ) -> tuple[ChatMessage, ...]:
-        """Earlier messages of a thread the bot joins late, oldest first, to seed the conversation."""
+    ) -> list[ThreadLine]:
+        """Earlier messages of a thread the bot joins late, oldest first."""
         me = self.user
-        earlier: list[ChatMessage] = []
+        earlier: list[ThreadLine] = []
         try:
             async for past in thread.history(limit=THREAD_CONTEXT_MESSAGES, before=message):
-                content = self._strip_mentions(past.content)
-                if not content:
-                    continue
-                if me is not None and past.author.id == me.id:
-                    earlier.append(ChatMessage("assistant", content))
-                else:
-                    earlier.append(ChatMessage("user", f"{past.author.display_name}: {content}"))
+                from_bot = me is not None and past.author.id == me.id
+                text = self.strip_mentions(past)
+                earlier.append(ThreadLine(past.author.display_name, text, from_bot=from_bot))
         except discord.HTTPException as error:
             log.warning("could not read the history of thread %s: %s", thread.id, error)
-        return tuple(reversed(earlier))
+        return earlier[::-1]
+
+
+class DiscordArrival:
+    """One Discord message, translated for the front door (``core.bot.Arrival``)."""
+
+    def __init__(self, bot: DiscordBot, message: discord.Message) -> None:
+        self.bot = bot
+        self.message = message
+        self.user_id = str(message.author.id)
+        self.message_id: str | None = str(message.id)
+        channel = message.channel
+        thread = isinstance(channel, discord.Thread)
+        self.facts = Facts(
+            direct=message.guild is None, mentioned=bot.mentions_me(message), in_thread=thread
+        )
+        if message.guild is None:
+            self.key = ConversationKey(PLATFORM, DM_WORKSPACE, str(channel.id))
+        elif isinstance(channel, discord.Thread):
+            self.key = DiscordBot._thread_key(channel)
+        else:
+            # A thread opened on the message has the message's id; so has a reply in place.
+            self.key = ConversationKey(
+                PLATFORM, str(message.guild.id), str(channel.id), str(message.id)
+            )
+
+    async def question(self) -> str:
+        text = self.bot.strip_mentions(self.message)
+        if self.message.attachments:
+            text = await with_attachments(text, self.message.attachments)
+        return text
+
+    async def thread(self) -> Sequence[ThreadLine]:
+        channel = self.message.channel
+        if not isinstance(channel, discord.Thread):
+            return []
+        return await self.bot.thread_lines(channel, self.message)
+
+    async def reply(self, route: Route) -> DiscordReply:
+        message, channel = self.message, self.message.channel
+        if not route.new_thread:
+            return DiscordReply(channel)
+        asked = bool(self.bot.strip_mentions(message) or message.attachments)
+        if asked and isinstance(channel, discord.TextChannel):
+            thread = await self.bot.open_thread(message, channel, self.bot.strip_mentions(message))
+            if thread is not None:
+                return DiscordReply(thread)
+        # No thread (an empty mention, or not allowed here): answer as a reply in the channel.
+        return DiscordReply(channel, reference=message)

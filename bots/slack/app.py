@@ -443,7 +443,6 @@ __all__ = [
     "COMMAND_ACK_BUDGET_SECONDS",
     "EVENTS_PATH",
     "HEALTH_PATH",
-    "SHUTDOWN_NOTE",
     "SlackBot",
     "build_client",
 ]

@@ -6,17 +6,16 @@ import asyncio
 
 import pytest
 
-from core.commands import ChannelTarget, Command, parse_command
+from core.commands import CANCELLED_BY_RESET, ChannelTarget, Command, HelpStyle, parse_command
 from core.config import Settings
 from core.conversation import ChatMessage, ConversationKey, IncomingMessage
-from core.engine import CANCELLED_BY_RESET, EMPTY_MESSAGE_HINT, ChatEngine
+from core.engine import EMPTY_MESSAGE_HINT, ChatEngine
 from core.errors import PermanentProviderError, ProviderAuthError, TransientProviderError
 from core.providers.offline import OfflineProvider
 from core.reply import CollectingSink
 from core.retry import RetryPolicy
 from core.store import ConversationStore
-
-from .conftest import RecordedSleep
+from tests.conftest import RecordedSleep
 
 KEY = ConversationKey("slack", "T1", "C1", "100.000")
 
@@ -256,7 +255,7 @@ async def test_channel_commands_set_defaults_for_new_threads(engine: ChatEngine)
     assert "no default system prompt" in await engine.run_command(Command("system_show"), target)
     too_long = await engine.run_command(Command("system_set", "x" * 9000), target)
     assert "limit" in too_long
-    assert "/chatbot reset" in await engine.run_command(Command("help"), target)
+    assert "`/reset`" in await engine.run_command(Command("help"), target)
 
 
 async def test_reset_cancels_the_answer_in_flight_with_a_note(
@@ -332,13 +331,21 @@ async def test_mistyped_history_commands_explain_themselves(
 ) -> None:
     command = parse_command(text)
     assert command is not None and command.action == "help"
-    answer = await engine.run_command(command, ChannelTarget("slack", "T1", "C1"))
+    engine.commands.help_styles["chat"] = HelpStyle(prefix="/chatbot ")
+    answer = await engine.run_command(command, ChannelTarget("chat", "T1", "C1"))
     assert problem in answer and "/chatbot history" in answer
 
 
-async def test_discord_help_lists_its_app_commands(engine: ChatEngine) -> None:
-    answer = await engine.run_command(Command("help"), ChannelTarget("discord", "G1", "C1"))
-    assert "/system set <text>" in answer and "/history show" in answer
+async def test_help_is_worded_in_each_platforms_own_command_forms(engine: ChatEngine) -> None:
+    engine.commands.help_styles["typed"] = HelpStyle(prefix="/chatbot ")
+    engine.commands.help_styles["app"] = HelpStyle(prefix="/", app_commands=True)
+    engine.commands.help_styles["term"] = HelpStyle(prefix="/", threads=False)
+    typed = await engine.run_command(Command("help"), ChannelTarget("typed", "G1", "C1"))
+    assert "`/chatbot system <text>`" in typed and "mention me" in typed
+    app = await engine.run_command(Command("help"), ChannelTarget("app", "G1", "C1"))
+    assert "/system set <text>" in app and "/history show" in app
+    term = await engine.run_command(Command("help"), ConversationKey("term", "local", "me"))
+    assert "`/reset`" in term and "thread" not in term
 
 
 async def test_old_processed_events_are_forgotten_hourly(

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Iterable
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +21,13 @@ from core.streaming import (
     TYPING_REFRESH_SECONDS,
     ReplyStreamer,
 )
-from tests.fake_platform import FakeAppendSurface, FakeSurface, Platform, run_virtual
+from tests.fake_platform import (
+    FAKE_NATIVE,
+    FakeAppendSurface,
+    FakeSurface,
+    Platform,
+    run_virtual,
+)
 
 LATENCY = 0.08
 
@@ -30,6 +37,9 @@ def streamer_for(
 ) -> ReplyStreamer:
     loop = asyncio.get_running_loop()
     budgets = budgets or Budgets(now=loop.time)
+    max_age = kwargs.pop("native_max_age", FAKE_NATIVE.max_age_seconds)
+    if isinstance(surface, FakeAppendSurface):
+        kwargs.setdefault("native", replace(FAKE_NATIVE, max_age_seconds=max_age))
     return ReplyStreamer(surface, budgets, now=loop.time, **kwargs)  # type: ignore[arg-type]
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from bots.discord.client import SHUTDOWN_NOTE
+from core.bot import SHUTDOWN_NOTE
 from core.config import Settings
 from core.conversation import ChatMessage
 from core.providers.offline import demo_answer

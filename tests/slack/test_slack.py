@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bots.slack.app import SHUTDOWN_NOTE
+from core.bot import SHUTDOWN_NOTE
 from core.engine import EMPTY_MESSAGE_HINT
 from core.errors import TransientProviderError
 from core.streaming import STREAMING_INDICATOR, THINKING_TEXT

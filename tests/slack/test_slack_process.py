@@ -17,7 +17,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bots.slack.app import EVENTS_PATH, HEALTH_PATH, SHUTDOWN_NOTE
+from bots.slack.app import EVENTS_PATH, HEALTH_PATH
+from core.bot import SHUTDOWN_NOTE
 from tests.wire.slack import FakeSlack, SlackSender, SocketModeSender, SocketModeSlack
 from tests.wire.slack.harness import SIGNING_SECRET, demo, free_port, running_bot, until
 

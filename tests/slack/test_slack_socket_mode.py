@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from bots.slack.__main__ import serve
-from bots.slack.app import EVENTS_PATH, SHUTDOWN_NOTE
+from bots.slack.app import EVENTS_PATH
+from core.bot import SHUTDOWN_NOTE
 from core.config import Settings
 from core.errors import ConfigError
 from core.streaming import STREAMING_INDICATOR, THINKING_TEXT

@@ -1,4 +1,4 @@
-"""A running bot against the fake: the real ThreadbotClient, a ChatEngine on a temp SQLite file and
+"""A running bot against the fake: the real DiscordBot, a ChatEngine on a temp SQLite file and
 the offline provider, connected to ``FakeDiscord`` over loopback."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import discord
 from discord.gateway import DiscordWebSocket
 
 from bots.discord.__main__ import point_discord_py_at
-from bots.discord.client import ThreadbotClient
+from bots.discord.client import DiscordBot
 from core.config import Settings
 from core.engine import ChatEngine
 from core.providers.offline import OfflineProvider
@@ -36,7 +36,7 @@ class RunningBot:
     """Everything a Discord test touches."""
 
     fake: FakeDiscord
-    client: ThreadbotClient
+    client: DiscordBot
     engine: ChatEngine
     provider: OfflineProvider
     settings: Settings
@@ -44,7 +44,7 @@ class RunningBot:
 
     async def settle(self) -> None:
         """Wait until every turn the client has started is over."""
-        await self.client.wait_idle()
+        await self.client.drain()
 
     async def final_texts(self, channel_id: int) -> list[str]:
         return [m.content for m in self.fake.bot_messages_in(channel_id)]
@@ -106,7 +106,7 @@ async def running_bot(
     retry = RetryPolicy(max_attempts=settings.max_retry_attempts, sleep=_instant_sleep)
     engine = ChatEngine(settings, store, provider, retry=retry)
     announced: list[str] = []
-    client = ThreadbotClient(
+    client = DiscordBot(
         settings,
         engine,
         budgets=budgets or Budgets(),
