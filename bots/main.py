@@ -7,20 +7,36 @@ import asyncio
 import importlib
 import sys
 
-from core.config import Settings
+from core.config import Settings, hide_password
 from core.errors import ConfigError
+from core.logs import configure_logging, report_failure, show_tracebacks
+
+#: Exit status when an operator must fix a setting.
+EXIT_CONFIG = 2
 
 
-def _db_upgrade() -> int:
+def _db_upgrade(*, verbose: bool) -> int:
+    """``threadbot db upgrade``: apply the migrations to DATABASE_URL."""
     from core.store import ConversationStore
 
-    async def upgrade() -> None:
+    try:
         settings = Settings.load()
+    except ConfigError as error:
+        report_failure("threadbot db", error, with_traceback=verbose)
+        return EXIT_CONFIG
+    configure_logging(settings, verbose=verbose)
+
+    async def upgrade() -> None:
         store = await ConversationStore.open(settings.database_url)
         await store.close()
-        print(f"database is up to date: {settings.database_url.split('@')[-1]}")
 
-    asyncio.run(upgrade())
+    try:
+        asyncio.run(upgrade())
+    except ConfigError as error:
+        tracebacks = show_tracebacks(settings, verbose=verbose)
+        report_failure("threadbot db", error, with_traceback=tracebacks)
+        return EXIT_CONFIG
+    print(f"database is up to date: {hide_password(settings.database_url)}")
     return 0
 
 
@@ -40,16 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("discord", help="run the Discord bot", add_help=False)
     db = sub.add_parser("db", help="database maintenance")
     db.add_argument("action", choices=["upgrade"], help="apply migrations")
+    db.add_argument("--verbose", "-v", action="store_true", help="show the traceback of a failure")
     args, rest = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     if args.command == "db":
-        try:
-            return _db_upgrade()
-        except ConfigError as error:
-            print(f"threadbot: {error}", file=sys.stderr)
-            return 2
+        return _db_upgrade(verbose=args.verbose)
     module = {
         "chat": "bots.cli",
         "slack": "bots.slack.__main__",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 from dotenv import dotenv_values
 
@@ -20,6 +22,18 @@ DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///threadbot.db"
 HISTORY_STRATEGIES = ("count", "tokens", "summary")
 PROVIDERS = ("openai", "anthropic", "offline")
 SLACK_STREAMING_MODES = ("auto", "native", "update")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
+# Hosts (Heroku, Render, Railway, Fly) hand out plain libpq URLs; SQLAlchemy's asyncio extension
+# needs the async driver named in the scheme.
+ASYNC_URL_SCHEMES = {
+    "postgres": "postgresql+asyncpg",
+    "postgresql": "postgresql+asyncpg",
+    "postgresql+asyncpg": "postgresql+asyncpg",
+    "sqlite": "sqlite+aiosqlite",
+    "sqlite+aiosqlite": "sqlite+aiosqlite",
+}
 
 
 @dataclass(frozen=True)
@@ -62,7 +76,8 @@ class Settings:
     redis_url: str | None = None
     # Rate-limit overrides: scope-key pattern -> (calls per second, burst); see RATE_LIMITS.
     rate_limits: tuple[tuple[str, float, int], ...] = ()
-    log_level: str = "INFO"
+    # None: not set, each entry point keeps its own default (the terminal stays quiet).
+    log_level: str | None = None
 
     @classmethod
     def load(
@@ -109,6 +124,19 @@ class Settings:
                 raise ConfigError(f"{name} must not be negative", setting=name)
             return value
 
+        def get_bool(name: str, default: bool) -> bool:
+            raw = get(name)
+            if raw is None:
+                return default
+            word = raw.lower()
+            if word not in TRUE_WORDS + FALSE_WORDS:
+                raise ConfigError(
+                    f"{name} must be one of {'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)}, "
+                    f"not {raw!r}",
+                    setting=name,
+                )
+            return word in TRUE_WORDS
+
         def get_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
             value = (get(name) or default).lower()
             if value not in choices:
@@ -137,7 +165,7 @@ class Settings:
             anthropic_api_key=anthropic_key,
             anthropic_base_url=get("ANTHROPIC_BASE_URL"),
             system_prompt=get("SYSTEM_PROMPT") or DEFAULT_SYSTEM_PROMPT,
-            database_url=get("DATABASE_URL") or DEFAULT_DATABASE_URL,
+            database_url=async_database_url(get("DATABASE_URL") or DEFAULT_DATABASE_URL),
             history_strategy=get_choice("HISTORY_STRATEGY", "count", HISTORY_STRATEGIES),
             max_history_messages=get_int("MAX_HISTORY_MESSAGES", 20, minimum=1),
             max_history_tokens=get_int("MAX_HISTORY_TOKENS", 8000, minimum=1),
@@ -147,7 +175,7 @@ class Settings:
             max_input_chars=get_int("MAX_INPUT_CHARS", 40_000, minimum=1),
             llm_timeout=get_float("LLM_TIMEOUT", 60.0),
             offline_delay=get_float("OFFLINE_DELAY", 0.02),
-            require_mention=(get("REQUIRE_MENTION") or "false").lower() in ("1", "true", "yes"),
+            require_mention=get_bool("REQUIRE_MENTION", False),
             slack_bot_token=get("SLACK_BOT_TOKEN"),
             slack_signing_secret=get("SLACK_SIGNING_SECRET"),
             slack_app_token=get("SLACK_APP_TOKEN"),
@@ -161,7 +189,7 @@ class Settings:
             discord_command_guilds=guilds,
             redis_url=get("REDIS_URL"),
             rate_limits=parse_rate_limits(get("RATE_LIMITS") or ""),
-            log_level=(get("LOG_LEVEL") or "INFO").upper(),
+            log_level=parse_log_level(get("LOG_LEVEL")),
         )
 
     def with_overrides(self, **changes: Any) -> Settings:
@@ -171,6 +199,53 @@ class Settings:
         if unknown:
             raise TypeError(f"unknown settings: {sorted(unknown)}")
         return replace(self, **changes)
+
+
+def parse_log_level(raw: str | None) -> str | None:
+    """``LOG_LEVEL`` upper-cased (``WARN`` means WARNING), or None when not set."""
+    if raw is None:
+        return None
+    level = "WARNING" if raw.upper() == "WARN" else raw.upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(
+            f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {raw!r}", setting="LOG_LEVEL"
+        )
+    return level
+
+
+def async_database_url(raw: str) -> str:
+    """``DATABASE_URL`` as SQLAlchemy's asyncio extension wants it; ConfigError when unusable.
+
+    ``postgres://`` and ``postgresql://`` (as hosts give them) become ``postgresql+asyncpg://``,
+    ``sqlite://`` becomes ``sqlite+aiosqlite://``; libpq's ``sslmode`` becomes asyncpg's ``ssl``.
+    """
+    scheme, sep, rest = raw.partition("://")
+    driver = ASYNC_URL_SCHEMES.get(scheme.lower()) if sep else None
+    if driver is None:
+        raise ConfigError(
+            f"DATABASE_URL must start with postgres://, postgresql://, postgresql+asyncpg://, "
+            f"sqlite:// or sqlite+aiosqlite://, not {hide_password(raw)!r}",
+            setting="DATABASE_URL",
+        )
+    url = f"{driver}://{rest}"
+    if driver.startswith("postgresql"):
+        url = _asyncpg_query(url)
+    return url
+
+
+def _asyncpg_query(url: str) -> str:
+    """Rename libpq's ``sslmode`` to asyncpg's ``ssl``, which takes the same values."""
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url
+    pairs = parse_qsl(query, keep_blank_values=True)
+    renamed = [("ssl" if key == "sslmode" else key, value) for key, value in pairs]
+    return f"{base}?{urlencode(renamed)}"
+
+
+def hide_password(url: str) -> str:
+    """``url`` with the password of ``user:password@host`` replaced by ``***``."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
 def parse_rate_limits(text: str) -> tuple[tuple[str, float, int], ...]:

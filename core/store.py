@@ -8,8 +8,11 @@ per-conversation advisory lock serialises turns across processes.
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import hashlib
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -36,7 +39,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import ArgumentError, IntegrityError, InvalidRequestError, NoSuchModuleError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -46,6 +49,8 @@ from core.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+#: Next to a SQLite file ``x.db``: ``x.db.lock``, held by the one process applying migrations.
+MIGRATION_LOCK_SUFFIX = ".lock"
 
 # SQLite only autoincrements INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -214,9 +219,10 @@ def _message(row: MessageRow) -> StoredMessage:
 
 def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    # WAL lets readers proceed while a turn writes; busy_timeout waits instead of failing.
-    cursor.execute("PRAGMA journal_mode=WAL")
+    # busy_timeout waits instead of failing (first: switching to WAL needs a moment alone with
+    # the file); WAL lets readers proceed while a turn writes.
     cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
@@ -230,6 +236,26 @@ def _upgrade(connection: Connection) -> None:
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.attributes["connection"] = connection
     command.upgrade(cfg, "head")
+
+
+@asynccontextmanager
+async def _sqlite_migration_lock(database: str | None) -> AsyncIterator[None]:
+    """Hold ``<database>.lock`` exclusively, so processes starting together migrate one by one.
+
+    SQLite has no advisory locks, and two processes that both find no schema would both create
+    it; the second then fails on "table already exists". Closing the file releases the lock, also
+    when the process dies.
+    """
+    if not database or database == ":memory:" or database.startswith("file:"):
+        yield
+        return
+    # Once, at start-up: blocking is harmless, and the wait for the lock runs in a thread.
+    descriptor = os.open(database + MIGRATION_LOCK_SUFFIX, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        await asyncio.to_thread(fcntl.flock, descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
 
 
 class ConversationStore:
@@ -247,7 +273,12 @@ class ConversationStore:
     @classmethod
     async def open(cls, url: str, *, migrate: bool = True) -> ConversationStore:
         """Connect to ``url`` (any async SQLAlchemy URL) and bring the schema up to date."""
-        parsed = make_url(url)
+        try:
+            parsed = make_url(url)
+        except ArgumentError as error:
+            raise ConfigError(
+                f"DATABASE_URL is not a database URL ({error})", setting="DATABASE_URL"
+            ) from error
         kwargs: dict[str, Any] = {}
         if parsed.get_backend_name() == "postgresql":
             # A turn holds one connection for its advisory lock; leave room for the rest.
@@ -267,7 +298,15 @@ class ConversationStore:
                     "check DATABASE_URL",
                     setting="DATABASE_URL",
                 ) from error
-        engine = create_async_engine(url, **kwargs)
+        try:
+            engine = create_async_engine(url, **kwargs)
+        except (ArgumentError, InvalidRequestError, NoSuchModuleError, ImportError) as error:
+            where = parsed.render_as_string(hide_password=True)
+            raise ConfigError(
+                f"cannot use the database URL {where} ({error}); DATABASE_URL must be a "
+                "postgresql+asyncpg:// or sqlite+aiosqlite:// URL",
+                setting="DATABASE_URL",
+            ) from error
         if engine.dialect.name == "sqlite":
             event.listen(engine.sync_engine, "connect", _set_sqlite_pragmas)
         store = cls(engine)
@@ -291,8 +330,9 @@ class ConversationStore:
         return store
 
     async def migrate(self) -> None:
-        """Apply every Alembic migration not yet applied."""
-        async with self.engine.begin() as conn:
+        """Apply every Alembic migration not yet applied, one process at a time."""
+        database = None if self.is_postgres else self.engine.url.database
+        async with _sqlite_migration_lock(database), self.engine.begin() as conn:
             if self.is_postgres:
                 # Two workers starting at once must not both create the tables.
                 await conn.execute(text("SELECT pg_advisory_xact_lock(7461237)"))

@@ -13,22 +13,42 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 from aiohttp import web
-from slack_sdk.errors import SlackApiError
+from slack_sdk.errors import SlackApiError, SlackRequestError
 
 from bots.slack.app import EVENTS_PATH, HEALTH_PATH, SlackBot, check_settings
 from bots.slack.surface import translate
 from core.config import Settings
 from core.engine import ChatEngine
 from core.errors import ConfigError, PermanentSurfaceError
+from core.logs import configure_logging, report_failure, show_tracebacks, startup_line
 
 log = logging.getLogger("bots.slack")
 
 #: Seconds each Web API call may take before it counts as a transient failure.
 SLACK_API_TIMEOUT_SECONDS = 15
+PROG = "threadbot slack"
+#: Exit status when an operator must fix a setting (or the network).
+EXIT_CONFIG = 2
+
+
+@contextlib.contextmanager
+def slack_reachable(settings: Settings) -> Iterator[None]:
+    """Turn "cannot reach the Web API" at start-up into a ConfigError naming SLACK_API_URL."""
+    try:
+        yield
+    except (aiohttp.ClientError, TimeoutError, SlackRequestError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ConfigError(
+            f"cannot reach the Slack Web API at {settings.slack_api_url} ({reason}); check the "
+            "network, or SLACK_API_URL if you set it (default https://slack.com/api/), then "
+            "start again",
+            setting="SLACK_API_URL",
+        ) from error
 
 
 async def serve(settings: Settings, stop: asyncio.Event, *, host: str = "0.0.0.0") -> None:
@@ -36,11 +56,11 @@ async def serve(settings: Settings, stop: asyncio.Event, *, host: str = "0.0.0.0
     # Missing Slack settings are reported before the database is opened and migrated.
     check_settings(settings, socket_mode=bool(settings.slack_app_token))
     engine = await ChatEngine.create(settings)
-    log.info("language model: %s", engine.provider.label)
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SLACK_API_TIMEOUT_SECONDS))
     runner: web.AppRunner | None = None
     # Bolt's Socket Mode handler (untyped); only set in Socket Mode.
     handler: Any = None
+    label = engine.provider.label
     try:
         bot = SlackBot(settings, engine)
         # One connection pool for every Web API call (slack_sdk opens one per call otherwise).
@@ -50,17 +70,24 @@ async def serve(settings: Settings, stop: asyncio.Event, *, host: str = "0.0.0.0
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, host, settings.port).start()
-        await bot.start()
+        with slack_reachable(settings):
+            await bot.start()
         if bot.socket_mode:
             from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 
             handler = AsyncSocketModeHandler(bot.app, settings.slack_app_token)
             if await connect_socket_mode(handler, stop):
-                log.info(
-                    "connected over Socket Mode; health check on :%d%s", settings.port, HEALTH_PATH
+                running = (
+                    f"Slack bot <@{bot.bot_user_id}> in {bot.team_id} connected over Socket Mode, "
+                    f"health check on :{settings.port}{HEALTH_PATH}"
                 )
+                log.info(startup_line(running, model=label, settings=settings))
         else:
-            log.info("listening on :%d (POST %s, GET %s)", settings.port, EVENTS_PATH, HEALTH_PATH)
+            running = (
+                f"Slack bot <@{bot.bot_user_id}> in {bot.team_id}, HTTP mode, listening on "
+                f":{settings.port} (POST {EVENTS_PATH}, GET {HEALTH_PATH})"
+            )
+            log.info(startup_line(running, model=label, settings=settings))
         await stop.wait()
         log.info("shutting down: ending replies in progress")
         if handler is not None:
@@ -123,15 +150,16 @@ def main(argv: list[str] | None = None) -> int:
         "is set. Configuration comes from the environment and .env (see README).",
     )
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
+    parser.add_argument(
+        "--verbose", "-v", action="store_true", help="show tracebacks of start-up failures"
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         settings = Settings.load()
     except ConfigError as error:
-        print(f"threadbot slack: {error}", file=sys.stderr)
-        return 2
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+        report_failure(PROG, error, with_traceback=args.verbose)
+        return EXIT_CONFIG
+    configure_logging(settings, verbose=args.verbose)
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -143,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(run())
     except ConfigError as error:
-        print(f"threadbot slack: {error}", file=sys.stderr)
-        return 2
+        report_failure(PROG, error, with_traceback=show_tracebacks(settings, verbose=args.verbose))
+        return EXIT_CONFIG
     return 0
 
 

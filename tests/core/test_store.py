@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 from datetime import UTC, datetime
 
 import pytest
 
+from core.config import Settings
 from core.conversation import ChatMessage, ConversationKey
 from core.errors import ConfigError
 from core.store import ConversationStore
@@ -175,3 +177,33 @@ async def test_an_unusable_database_is_a_config_error_naming_the_setting(url: st
         await ConversationStore.open(url)
     assert raised.value.setting == "DATABASE_URL"
     assert "check DATABASE_URL" in str(raised.value) and "\n" not in str(raised.value)
+
+
+async def test_a_hosts_plain_url_opens_the_store_through_settings(database_url: str) -> None:
+    # What Heroku or Render put in DATABASE_URL: no driver named (postgres:// or sqlite://).
+    plain = database_url.replace("postgresql+asyncpg://", "postgres://").replace(
+        "sqlite+aiosqlite://", "sqlite://"
+    )
+    settings = Settings.load(environ={"DATABASE_URL": plain}, env_file=None)
+    store = await ConversationStore.open(settings.database_url)
+    conversation, created = await store.get_or_create(KEY)
+    assert created and conversation.key == KEY
+    await store.close()
+
+
+@pytest.mark.parametrize(
+    "url", ["sqlite:///sync-driver.db", "postgresql+psycopg2://u@h/db", "no url at all"]
+)
+async def test_a_url_without_an_async_driver_is_a_config_error(url: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        await ConversationStore.open(url)
+    assert raised.value.setting == "DATABASE_URL" and "\n" not in str(raised.value)
+
+
+async def test_the_sqlite_migration_lock_is_left_free_after_start(sqlite_url: str) -> None:
+    store = await ConversationStore.open(sqlite_url)
+    await store.close()
+    lock = sqlite_url.removeprefix("sqlite+aiosqlite:///") + ".lock"
+    with open(lock, "rb+") as held:
+        # Would raise BlockingIOError if open() had kept the lock.
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)

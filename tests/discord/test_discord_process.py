@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, fields
@@ -238,3 +239,66 @@ async def test_sigterm_ends_a_reply_in_progress_with_the_shutdown_note(tmp_path:
         assert (separator, note) == ("\n\n", SHUTDOWN_NOTE), reply.content
         assert partial and answer.startswith(partial) and partial != answer
         assert THINKING_TEXT not in reply.content
+
+
+async def run_to_exit(fake: FakeDiscord, tmp_path: Path, **settings: str) -> tuple[int, str]:
+    """Run ``python -m bots.discord`` until it exits by itself; its status and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bots.discord",
+        env=bot_environment(fake, tmp_path / "threadbot.db", **settings),
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(GIVE_UP_AFTER):
+            _, stderr = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, stderr.decode()
+
+
+def _nothing_listens() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+async def test_unreachable_api_is_one_line_naming_discord_api_url(tmp_path: Path) -> None:
+    async with fake_discord() as fake:
+        api = f"http://127.0.0.1:{_nothing_listens()}/api/v10"
+        status, stderr = await run_to_exit(fake, tmp_path, DISCORD_API_URL=api)
+    assert status == 2
+    [line] = stderr.splitlines()
+    assert line.startswith(f"threadbot discord: cannot reach Discord's API at {api}")
+    assert "DISCORD_API_URL" in line
+
+
+async def test_unreachable_gateway_is_one_line_naming_discord_gateway_url(tmp_path: Path) -> None:
+    async with fake_discord() as fake:
+        gateway = f"ws://127.0.0.1:{_nothing_listens()}/gateway"
+        status, stderr = await run_to_exit(fake, tmp_path, DISCORD_GATEWAY_URL=gateway)
+        assert fake.identifies == 0
+    assert status == 2 and "Traceback" not in stderr
+    # Login went well, so its INFO line (commands synced) comes first; then the one failure.
+    *before, line = stderr.splitlines()
+    assert all(" INFO bots." in earlier for earlier in before), before
+    assert line.startswith(f"threadbot discord: cannot reach Discord's gateway at {gateway}")
+    assert "DISCORD_GATEWAY_URL" in line
+
+
+async def test_start_up_says_what_runs_without_library_noise(tmp_path: Path) -> None:
+    async with fake_discord() as fake, bot_process(fake, tmp_path, LOG_LEVEL="INFO") as bot:
+        assert await bot.terminate() == 0
+    lines = "".join(bot.stderr).splitlines()
+    # Only threadbot's own loggers speak at INFO: no discord.py, Alembic or aiohttp lines.
+    assert all(" INFO bots." in line or " INFO threadbot." in line for line in lines), lines
+    [running] = [line for line in lines if "connecting to the gateway" in line]
+    assert f"at {fake.gateway_url}; model offline" in running
+    assert "database sqlite+aiosqlite:///" in running

@@ -52,8 +52,8 @@ class BotProcess:
             PORT=str(self.port),
             DATABASE_URL=f"sqlite+aiosqlite:///{cwd / 'bot.db'}",
             LOG_LEVEL="INFO",
-            **env,
         )
+        clean.update(env)
         self.stderr_path = cwd / "stderr.log"
         with self.stderr_path.open("wb") as stderr:
             self.process = subprocess.Popen(
@@ -227,3 +227,41 @@ async def test_events_while_shutting_down_get_503_and_slack_redelivers_after_res
             )
             await restarted.settle()
             assert fake.thread_text(CHANNEL, late) == "Yes, back."
+
+
+async def test_unreachable_slack_api_is_one_line_naming_slack_api_url(
+    bot_process: Callable[..., BotProcess],
+) -> None:
+    nothing_listens = f"http://127.0.0.1:{free_port()}/api/"
+    bot = bot_process(
+        SLACK_BOT_TOKEN="xoxb-1", SLACK_SIGNING_SECRET=SIGNING_SECRET, SLACK_API_URL=nothing_listens
+    )
+    assert await asyncio.to_thread(bot.process.wait, 60) == 2
+    [line] = bot.stderr.splitlines()
+    assert line.startswith(f"threadbot slack: cannot reach the Slack Web API at {nothing_listens}")
+    assert "SLACK_API_URL" in line
+
+
+async def test_start_up_says_what_runs_in_one_line_without_library_noise(
+    bot_process: Callable[..., BotProcess],
+) -> None:
+    async with FakeSlack() as fake, aiohttp.ClientSession() as session:
+        bot = bot_process(**http_env(fake))
+        await bot.healthy(session)
+        assert await bot.terminate() == 0
+    lines = bot.stderr.splitlines()
+    # Only threadbot's own loggers speak at INFO: no Alembic, Bolt or aiohttp lines.
+    assert all(" INFO bots." in line for line in lines), lines
+    [running] = [line for line in lines if "listening on" in line]
+    assert f"HTTP mode, listening on :{bot.port}" in running
+    assert "model offline" in running and "database sqlite+aiosqlite:///" in running
+
+
+async def test_log_level_debug_lets_the_libraries_speak(
+    bot_process: Callable[..., BotProcess],
+) -> None:
+    async with FakeSlack() as fake, aiohttp.ClientSession() as session:
+        bot = bot_process(**http_env(fake, LOG_LEVEL="debug"))
+        await bot.healthy(session)
+        assert await bot.terminate() == 0
+    assert " alembic.runtime.migration: " in bot.stderr
