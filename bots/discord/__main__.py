@@ -70,7 +70,7 @@ def api_reachable(settings: Settings) -> Iterator[None]:
         ) from error
 
 
-async def check_gateway(client: ThreadbotClient, settings: Settings) -> str:
+async def check_gateway(client: DiscordBot, settings: Settings) -> str:
     """Open and close one websocket to the gateway discord.py will use; return its URL.
 
     discord.py's first connection, when it fails, logs a traceback, then fails again on its own
@@ -102,7 +102,7 @@ def _reason(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-async def serve(client: ThreadbotClient, settings: Settings, label: str) -> None:
+async def serve(client: DiscordBot, settings: Settings, label: str) -> None:
     """Log in (REST), check the gateway, say what runs, then stay connected."""
     assert settings.discord_bot_token is not None
     with api_reachable(settings):

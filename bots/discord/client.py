@@ -286,7 +286,7 @@ class DiscordBot(discord.Client):
             remote = [c.to_dict() for c in await self.tree.fetch_commands(guild=guild)]
             where = f"guild {guild.id}" if guild is not None else "globally"
             if not commands_differ(local, remote):  # type: ignore[arg-type]
-                log.info("app commands %s are up to date", where)
+                log.debug("app commands %s are up to date", where)
                 continue
             await self.tree.sync(guild=guild)
             pushed = True

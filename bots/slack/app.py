@@ -210,7 +210,8 @@ class SlackBot:
         self.bot_user_id = str(identity.get("user_id") or "")
         self.team_id = str(identity.get("team_id") or "")
         self.ready = True
-        log.info(
+        # The start-up line (bots/slack/__main__.py) says who and where; this is the detail.
+        log.debug(
             "Slack bot ready: <@%s> in workspace %s (%s mode, streaming %s)",
             self.bot_user_id,
             self.team_id,
