@@ -57,17 +57,19 @@ class RunningBot:
         )
         await self.settle()
 
-    async def marker(self) -> None:
+    async def marker(self) -> int:
         """A DM round trip: once it is answered, every earlier event has been handled.
 
         Gateway events are handled in order and each turn's task is spawned before the next
         event is read, so when the marker's reply exists every earlier turn has started;
         ``settle`` then waits for them. Call it with no script queued (it takes the demo answer).
+        Returns the marker's DM channel.
         """
         dm = self.fake.add_dm()
         await self.fake.send_message(dm, "marker", mention=False)
         await self.fake.wait_for(lambda: bool(self.fake.bot_messages_in(dm)), GIVE_UP_AFTER)
         await self.settle()
+        return dm
 
 
 def make_settings(fake: FakeDiscord, db: Path, **env: str) -> Settings:

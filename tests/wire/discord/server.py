@@ -175,6 +175,9 @@ class FakeDiscord:
         self._replay_extra = 0
         self.port = 0
         self.text_channel = self.add_text_channel("general")
+        #: The role Discord makes for a bot when it joins (managed, tagged with the bot's id):
+        #: the composer offers it next to the bot user, so people mention it too.
+        self.bot_role_id = self.snowflake()
 
     # ---- world -------------------------------------------------------------------------------
 
@@ -614,17 +617,22 @@ class FakeDiscord:
         *,
         author: Json | None = None,
         mention: bool = True,
+        mention_role: bool = False,
         attachments: list[Json] | None = None,
         message_type: int = 0,
         webhook_id: int | None = None,
     ) -> Json:
-        """A MESSAGE_CREATE payload from a person (recorded as a message in the channel)."""
+        """A MESSAGE_CREATE payload from a person (recorded as a message in the channel);
+        ``mention_role`` mentions the bot's role instead of its user."""
         author = author or self.owner
         text = f"<@{self.bot['id']}> {content}" if mention else content
+        if mention_role:
+            text = f"<@&{self.bot_role_id}> {content}"
         msg = self._store_message(channel_id, author, text, {})
         data = self._message_json(msg)
         data["type"] = message_type
         data["mentions"] = [self.bot] if mention else []
+        data["mention_roles"] = [str(self.bot_role_id)] if mention_role else []
         data["attachments"] = attachments or []
         if webhook_id is not None:
             data["webhook_id"] = str(webhook_id)
@@ -709,12 +717,21 @@ class FakeDiscord:
             "mentionable": False,
             "flags": 0,
         }
+        bot_role = {
+            **everyone,
+            "id": str(self.bot_role_id),
+            "name": self.bot["username"],
+            "position": 1,
+            "managed": True,
+            "mentionable": True,
+            "tags": {"bot_id": self.bot["id"]},
+        }
         return {
             "id": str(self.guild_id),
             "name": "Test guild",
             "icon": None,
             "owner_id": self.owner["id"],
-            "roles": [everyone],
+            "roles": [everyone, bot_role],
             "emojis": [],
             "stickers": [],
             "features": [],
@@ -723,7 +740,7 @@ class FakeDiscord:
             "members": [
                 {
                     "user": self.bot,
-                    "roles": [],
+                    "roles": [str(self.bot_role_id)],
                     "joined_at": _iso(),
                     "deaf": False,
                     "mute": False,
