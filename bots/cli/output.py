@@ -8,16 +8,15 @@ user sees progress token by token, and the scrollback holds the finished renderi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:  # rich costs start-up time: loaded only when a terminal shows the answer
     from rich.console import Console, ConsoleOptions, RenderResult
     from rich.live import Live
-    from rich.segment import Segment
 
 STOPPED_NOTE = "[stopped]"
 BOT_PROMPT = "bot › "
@@ -183,23 +182,32 @@ class MarkdownReply:
         self.console = console
         self.err = err
         self.failed = False
-        self.closed = False
+        self.closed = False  # a terminal does not go away like a pipe's reader
         self._blocks = MarkdownBlocks()
         self._printed_block = False
         self._live: Live | None = None
+        self._ticker: asyncio.Task[None] | None = None
 
     async def begin(self) -> None:
         from rich.live import Live
 
+        # Redrawn by our own ticker on the event loop, not rich's refresh thread: a redraw racing
+        # a block being printed above the live region leaves stray lines on the screen.
         self._live = Live(
             _LivePreview(self._blocks),
             console=self.console,
-            refresh_per_second=LIVE_REFRESH_PER_SECOND,
+            auto_refresh=False,
             transient=True,
             redirect_stdout=False,
             redirect_stderr=False,
         )
-        self._live.start()
+        self._live.start(refresh=True)
+        self._ticker = asyncio.ensure_future(self._tick(self._live))
+
+    async def _tick(self, live: Live) -> None:
+        while True:
+            await asyncio.sleep(1 / LIVE_REFRESH_PER_SECOND)
+            live.refresh()
 
     def write(self, delta: str) -> None:
         for block in self._blocks.feed(delta):
@@ -226,34 +234,59 @@ class MarkdownReply:
 
     def close(self) -> None:
         """Stop the live region (and show the cursor again) if the turn ended another way."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
         if self._live is not None:
             self._live.stop()
             self._live = None
 
     def _end(self) -> None:
         rest = self._blocks.flush()
+        self.close()
         if rest.strip():
             self._print_block(rest)
-        self.close()
 
     def _print_block(self, block: str) -> None:
-        from rich.markdown import Markdown
-
         if self._printed_block:
             self.console.print()
-        self.console.print(Markdown(block.strip("\n"), code_theme=CODE_THEME))
+        self.console.print(_Block(block))
         self._printed_block = True
 
 
+class _Block:
+    """One block of Markdown, rendered without the blank lines rich puts before lists and quotes.
+
+    ``tail`` keeps only the last lines (a live region taller than the screen cannot be redrawn).
+    """
+
+    def __init__(self, text: str, *, tail: int | None = None) -> None:
+        self.text = text.strip("\n")
+        self.tail = tail
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        from rich.markdown import Markdown
+        from rich.segment import Segment
+
+        lines = console.render_lines(Markdown(self.text, code_theme=CODE_THEME), options, pad=False)
+        while lines and not "".join(segment.text for segment in lines[0]).strip("\n"):
+            lines.pop(0)
+        if self.tail is not None:
+            lines = lines[-self.tail :]
+        for line in lines:
+            yield from line
+            # Every line ends with its newline: without it, what prints next (the live region)
+            # would start on the block's last line and erase it when redrawn.
+            yield Segment.line()
+
+
 class _LivePreview:
-    """The live region: the block being written, rendered, cut to its last screenful."""
+    """The live region: a spinner until text comes, then the block being written."""
 
     def __init__(self, blocks: MarkdownBlocks) -> None:
         self._blocks = blocks
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        from rich.markdown import Markdown
-        from rich.segment import Segment
         from rich.spinner import Spinner
 
         text = self._blocks.pending
@@ -263,15 +296,5 @@ class _LivePreview:
         fence = self._blocks.open_fence
         if fence is not None:
             text += "\n" + fence  # close the open code block so it renders as code meanwhile
-        lines = console.render_lines(
-            Markdown(text.strip("\n"), code_theme=CODE_THEME), options, pad=False
-        )
-        # One line short of the screen: a taller live region could not be redrawn in place.
-        yield from _join(lines[-max(1, console.height - 1) :], Segment.line())
-
-
-def _join(lines: list[list[Segment]], newline: Segment) -> Iterator[Segment]:
-    for index, line in enumerate(lines):
-        if index:
-            yield newline
-        yield from line
+        # One line short of the screen, so the region can always be redrawn in place.
+        yield _Block(text, tail=max(1, console.height - 1))
