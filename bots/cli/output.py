@@ -183,8 +183,8 @@ class MarkdownReply:
         self.err = err
         self.failed = False
         self.closed = False  # a terminal does not go away like a pipe's reader
-        self._blocks = MarkdownBlocks()
-        self._printed_block = False
+        self.blocks = MarkdownBlocks()
+        self.printed_block = False
         self._live: Live | None = None
         self._ticker: asyncio.Task[None] | None = None
 
@@ -194,7 +194,7 @@ class MarkdownReply:
         # Redrawn by our own ticker on the event loop, not rich's refresh thread: a redraw racing
         # a block being printed above the live region leaves stray lines on the screen.
         self._live = Live(
-            _LivePreview(self._blocks),
+            _LivePreview(self),
             console=self.console,
             auto_refresh=False,
             transient=True,
@@ -210,12 +210,12 @@ class MarkdownReply:
             live.refresh()
 
     def write(self, delta: str) -> None:
-        for block in self._blocks.feed(delta):
+        for block in self.blocks.feed(delta):
             self._print_block(block)
 
     async def retrying(self, notice: str) -> None:
         # Blocks already printed stay; the block in progress is dropped and the answer restarts.
-        self._blocks.flush()
+        self.blocks.flush()
         self.console.print(f"[{notice.strip('_')} The answer starts over.]", markup=False)
 
     async def finish(self) -> list[str]:
@@ -242,16 +242,16 @@ class MarkdownReply:
             self._live = None
 
     def _end(self) -> None:
-        rest = self._blocks.flush()
+        rest = self.blocks.flush()
         self.close()
         if rest.strip():
             self._print_block(rest)
 
     def _print_block(self, block: str) -> None:
-        if self._printed_block:
+        if self.printed_block:
             self.console.print()
         self.console.print(_Block(block))
-        self._printed_block = True
+        self.printed_block = True
 
 
 class _Block:
@@ -283,15 +283,17 @@ class _Block:
 class _LivePreview:
     """The live region: a spinner until text comes, then the block being written."""
 
-    def __init__(self, blocks: MarkdownBlocks) -> None:
-        self._blocks = blocks
+    def __init__(self, reply: MarkdownReply) -> None:
+        self._reply = reply
+        self._blocks = reply.blocks
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         from rich.spinner import Spinner
 
         text = self._blocks.pending
         if not text.strip():
-            yield Spinner("dots", THINKING, style="dim")
+            if not self._reply.printed_block:  # a sign of life until the first words come
+                yield Spinner("dots", THINKING, style="dim")
             return
         fence = self._blocks.open_fence
         if fence is not None:
