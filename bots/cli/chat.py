@@ -29,6 +29,8 @@ PLATFORM = "cli"
 WORKSPACE = "local"
 PROMPT = "you › "
 EXIT_COMMANDS = ("/exit", "/quit")
+#: Exit status after SIGTERM, as a shell reports a process ended by it (128 + 15).
+TERMINATED_STATUS = 128 + signal.SIGTERM
 
 TERMINAL_HELP = """\
 Type a message and press Enter; the answer appears as it is written.
@@ -72,6 +74,7 @@ class Chat:
         self._console = _console(stdout)
         # What Ctrl-C does now: stop the answer, leave the prompt, or nothing (a command runs).
         self._interrupt: Callable[[], object] = _ignore
+        self._terminated = False
 
     async def run(self) -> int:
         """The loop; returns the exit status."""
@@ -83,15 +86,24 @@ class Chat:
         else:
             reader = PipedReader(self.stdin, loop)
         try:
-            with _on_sigint(lambda: self._interrupt()):
+            with (
+                _on_signal(signal.SIGINT, lambda: self._interrupt()),
+                _on_signal(signal.SIGTERM, self._terminate),
+            ):
                 self._banner()
-                while (line := await self._read(reader)) is not None:
-                    if not await self._take(line):
+                while not self._terminated and (line := await self._read(reader)) is not None:
+                    if not await self._take(line) or self._terminated:
                         break
         finally:
             reader.close()
             self.modes.restore()
         return self.status
+
+    def _terminate(self) -> None:
+        """SIGTERM: stop whatever runs and leave the usual way, so the terminal is restored."""
+        self._terminated = True
+        self.status = TERMINATED_STATUS
+        self._interrupt()
 
     def _banner(self) -> None:
         provider = self.engine.provider
@@ -201,18 +213,18 @@ def _console(stdout: TextIO) -> Console | None:
 
 
 @contextlib.contextmanager
-def _on_sigint(action: Callable[[], object]) -> Iterator[None]:
-    """Ctrl-C runs ``action`` (stop the answer, leave the prompt) instead of raising."""
+def _on_signal(signum: int, action: Callable[[], object]) -> Iterator[None]:
+    """``signum`` runs ``action`` on the loop (stop the answer, leave the prompt)."""
     loop = asyncio.get_running_loop()
     try:
-        loop.add_signal_handler(signal.SIGINT, action)
+        loop.add_signal_handler(signum, action)
     except (NotImplementedError, RuntimeError):  # not the main thread, or not POSIX
         yield
         return
     try:
         yield
     finally:
-        loop.remove_signal_handler(signal.SIGINT)
+        loop.remove_signal_handler(signum)
 
 
 async def run_chat(

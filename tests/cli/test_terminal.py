@@ -8,6 +8,7 @@ import os
 import pty
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -176,6 +177,22 @@ def test_ctrl_c_stops_a_streaming_answer_and_the_terminal_is_restored(tmp_path: 
         after = terminal.modes()
         assert after & termios.ECHO and after & termios.ICANON
         assert after == before
+    finally:
+        terminal.close()
+
+
+def test_sigterm_during_an_answer_leaves_the_terminal_as_it_was(tmp_path: Path) -> None:
+    terminal = Terminal(tmp_path, OFFLINE_DELAY="0.3")
+    try:
+        before = terminal.modes()
+        terminal.read_until(PROMPT)
+        terminal.send("a long answer please\r")
+        terminal.read_until("You said")
+        assert terminal.modes() & termios.ECHO == 0  # typing is hidden while it answers
+        terminal.proc.send_signal(signal.SIGTERM)
+        assert terminal.wait() == 128 + signal.SIGTERM
+        assert "Traceback" not in visible(terminal.output)
+        assert terminal.modes() == before
     finally:
         terminal.close()
 
