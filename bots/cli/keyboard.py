@@ -28,14 +28,15 @@ BRACKETED_PASTE_OFF = "\x1b[?2004l"
 
 # Terminal escape sequences (ECMA-48): CSI (cursor keys, colours), OSC/DCS/PM/APC strings,
 # SS3 (F1-F4, keypad), other two-character escapes, a lone ESC. Then the remaining C0 and C1
-# control characters except tab. None of them belongs in a message to a model.
+# control characters except tab and newline (a pasted paragraph keeps its lines). None of them
+# belongs in a message to a model.
 _ESCAPES = re.compile(
     r"""
       (?:\x1b\[|\x9b) [0-?]* [ -/]* [@-~]
     | (?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f]) .*? (?:\x07|\x1b\\|\x9c|$)
     | \x1bO.?
     | \x1b[ -~]?
-    | [\x00-\x08\x0a-\x1f\x7f-\x9f]
+    | [\x00-\x08\x0b-\x1f\x7f-\x9f]
     """,
     re.VERBOSE | re.DOTALL,
 )
