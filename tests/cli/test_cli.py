@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import socket
@@ -240,3 +241,46 @@ def test_output_closed_early_ends_quietly(tmp_path: Path) -> None:
             proc.kill()
     errors = proc.stderr.read().decode()
     assert "Traceback" not in errors and "BrokenPipe" not in errors
+
+
+# -- input that is not what we expect ------------------------------------------------------------
+
+
+def run_chat_bytes(tmp_path: Path, stdin: bytes, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "bots.main", "chat", *args],
+        input=stdin,
+        capture_output=True,
+        env=chat_env(tmp_path),
+        cwd=tmp_path,
+        timeout=60,
+    )
+
+
+def test_input_that_is_not_utf8_is_replaced_not_a_crash(tmp_path: Path) -> None:
+    result = run_chat_bytes(tmp_path, b"caf\xe9 au lait\n\xff\xfe\n")
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"Traceback" not in result.stderr
+    out = result.stdout.decode("utf-8")  # and what we print is UTF-8 too
+    assert "You said: “caf\ufffd au lait”" in out
+    assert "You said: “\ufffd\ufffd”" in out
+    # Both messages were stored: the next run sees them.
+    again = run_chat(tmp_path, "and now?\n")
+    assert "I can see 2 earlier messages" in again.stdout
+
+
+def test_escape_sequences_in_a_line_never_reach_the_model(tmp_path: Path) -> None:
+    result = run_chat_bytes(tmp_path, b"up\x1b[A and \x1b]0;title\x07bell\x07 \x1bOPkey\x7f\n")
+    assert result.returncode == 0, result.stderr.decode()
+    assert "You said: “up and bell key”" in result.stdout.decode()
+
+
+def test_help_is_written_for_the_terminal(tmp_path: Path) -> None:
+    result = run_chat(tmp_path, "/help\n/quit\nnever sent\n", "--conversation", "work")
+    assert result.returncode == 0, result.stderr
+    for command in ("/reset", "/system <text>", "/system clear", "/history", "/context"):
+        assert command in result.stdout
+    assert "/exit, /quit" in result.stdout and "Ctrl-D" in result.stdout
+    assert "Ctrl-C" in result.stdout and "“work”" in result.stdout
+    assert not re.search(r"\b(mention|threads?)\b", result.stdout)  # Slack's and Discord's words
+    assert "never sent" not in result.stdout
