@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import getpass
-import logging
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ from core.commands import parse_command
 from core.config import Settings
 from core.conversation import ConversationKey, IncomingMessage
 from core.errors import ConfigError, ThreadbotError
+from core.logs import configure_logging, report_failure, show_tracebacks
 
 if TYPE_CHECKING:  # the engine loads the store and a provider SDK: imported when a chat starts
     from rich.console import Console
@@ -265,17 +265,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="log to stderr")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.CRITICAL,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
     _tolerant_streams()
+    settings: Settings | None = None
     try:
         settings = Settings.load()
+        # Quiet unless asked: -v or LOG_LEVEL (the answer and the prompt share the terminal).
+        configure_logging(settings, verbose=args.verbose, default="CRITICAL")
         name = args.conversation or getpass.getuser()
         return asyncio.run(run_chat(settings, name))
     except ConfigError as error:
-        sys.stderr.write(f"threadbot: {error}\n")
+        tracebacks = settings is not None and show_tracebacks(settings, verbose=args.verbose)
+        report_failure("threadbot", error, with_traceback=tracebacks)
         return 2
     except ThreadbotError as error:
         sys.stderr.write(f"threadbot: {error}\n")
