@@ -15,8 +15,7 @@ from core.providers.offline import OfflineProvider
 from core.reply import CollectingSink
 from core.retry import RetryPolicy
 from core.store import ConversationStore
-
-from .conftest import RecordedSleep
+from tests.conftest import RecordedSleep
 
 KEY = ConversationKey("slack", "T1", "C1", "100.000")
 
