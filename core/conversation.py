@@ -8,6 +8,11 @@ from typing import Literal
 
 Role = Literal["user", "assistant"]
 
+#: ``Usage.finish_reason`` when the model ended its answer itself.
+FINISH_STOP = "stop"
+#: ``Usage.finish_reason`` when the answer was cut at ``max_tokens``.
+FINISH_LENGTH = "length"
+
 
 @dataclass(frozen=True, slots=True)
 class ConversationKey:
@@ -36,10 +41,22 @@ class ChatMessage:
 
 @dataclass(slots=True)
 class Usage:
-    """Token usage a provider reports for one request; filled in while streaming."""
+    """Token usage a provider reports for one request, and why the answer ended.
+
+    ``finish_reason`` is normalised across providers: ``"stop"`` (the model finished),
+    ``"length"`` (cut at ``max_tokens``: OpenAI ``length``, Anthropic ``max_tokens``), or the
+    provider's own word for anything else (``"content_filter"``, ``"refusal"``); ``None`` when the
+    stream ended without saying (a dropped or stopped stream).
+    """
 
     input_tokens: int | None = None
     output_tokens: int | None = None
+    finish_reason: str | None = None
+
+    @property
+    def cut_at_limit(self) -> bool:
+        """Whether the answer was cut at ``max_tokens`` rather than finished."""
+        return self.finish_reason == FINISH_LENGTH
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,8 @@ engine and the adapters only ever reason about this tree::
     ├── ProviderError                 the language model could not answer
     │   ├── TransientProviderError    rate limit, 5xx, overload, timeout, dropped stream: retry
     │   └── PermanentProviderError    bad request, unknown model, ...: never retried
-    │       └── ProviderAuthError     the key is missing or refused: the operator must fix a setting
+    │       ├── ProviderAuthError     the key is missing or refused: the operator must fix a setting
+    │       └── ContextOverflowError  the request is longer than the model's context window
     ├── SurfaceError                  a platform call (post, edit) failed
     │   ├── SurfaceRateLimited        the platform answered 429; pause the scope for retry_after
     │   ├── TransientSurfaceError     5xx, timeout, connection reset: the call may be tried again
@@ -63,6 +64,27 @@ class ProviderAuthError(PermanentProviderError):
     def __init__(self, message: str, *, setting: str, status: int | None = None) -> None:
         super().__init__(message, status=status)
         self.setting = setting
+
+
+class ContextOverflowError(PermanentProviderError):
+    """The request does not fit the model's context window; the same request never will.
+
+    ``limit`` is the context size the server stated (tokens) and ``requested`` what the request
+    came to, each ``None`` when the server did not say. Sending fewer or shorter messages (or a
+    smaller ``max_tokens``) is the cure, not retrying.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        limit: int | None = None,
+        requested: int | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message, status=status)
+        self.limit = limit
+        self.requested = requested
 
 
 class SurfaceError(ThreadbotError):

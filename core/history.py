@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 from core.config import HISTORY_STRATEGIES, Settings
-from core.conversation import ChatMessage
+from core.conversation import ChatMessage, Usage
 from core.errors import ProviderError
 from core.store import ChannelSettings, Conversation, StoredMessage
 from core.tokens import (
@@ -43,6 +43,7 @@ from core.tokens import (
     TokenCounter,
     counter_for,
     estimate_tokens,
+    without_cut_markers,
 )
 
 if TYPE_CHECKING:
@@ -75,6 +76,11 @@ SUMMARY_MAX_TOKENS = 1024
 FOLD_INPUT_SHARE = 1.0
 #: A fold slower than this is abandoned (the turn already trimmed; it is tried again next turn).
 FOLD_TIMEOUT_SECONDS = 45.0
+#: When REPLY_RESERVE_TOKENS does not fit in MAX_HISTORY_TOKENS, the reply gets this share of it.
+MAX_RESERVE_SHARE = 0.5
+
+# (max_tokens, reply_reserve) pairs already warned about: policies are built every turn.
+_reserve_warned: set[tuple[int, int]] = set()
 
 SUMMARY_HEADING = "Summary of the earlier conversation (those messages are not repeated below):"
 SUMMARISER_SYSTEM = (
@@ -112,7 +118,7 @@ class Window:
         parts = [
             f"{len(self.messages)} message{'' if len(self.messages) == 1 else 's'}",
             f"about {self.tokens:,} tokens"
-            + (f" of a {self.budget:,}-token budget" if self.budget is not None else ""),
+            + (f" of a {max(0, self.budget):,}-token budget" if self.budget is not None else ""),
             "a summary of older messages included" if self.summary_included else "no summary",
         ]
         if self.truncated:
@@ -216,6 +222,27 @@ def plan_fold(
     return list(messages[:keep_from])
 
 
+def fitted_reserve(max_tokens: int, reply_reserve: int) -> int:
+    """The reply reserve, shrunk to ``MAX_RESERVE_SHARE`` of ``max_tokens`` when it leaves no room.
+
+    ``REPLY_RESERVE_TOKENS=9000`` with ``MAX_HISTORY_TOKENS=8000`` (or 600 with the default 1024)
+    would leave a negative budget; the reply then gets half and one log line names both settings.
+    """
+    if reply_reserve < max_tokens:
+        return reply_reserve
+    fitted = int(max_tokens * MAX_RESERVE_SHARE)
+    if (max_tokens, reply_reserve) not in _reserve_warned:
+        _reserve_warned.add((max_tokens, reply_reserve))
+        log.warning(
+            "REPLY_RESERVE_TOKENS=%d leaves no room within MAX_HISTORY_TOKENS=%d: reserving %d "
+            "tokens for the reply instead; raise MAX_HISTORY_TOKENS or lower REPLY_RESERVE_TOKENS",
+            reply_reserve,
+            max_tokens,
+            fitted,
+        )
+    return fitted
+
+
 class HistoryPolicy:
     """Base of the strategies. Subclasses override ``fetch_limit`` and ``build``.
 
@@ -225,6 +252,9 @@ class HistoryPolicy:
     """
 
     name = "base"
+    counter: TokenCounter
+    # The window ``load`` built: what ``after_turn`` compares with the reported usage.
+    _sent: Window | None = None
 
     def fetch_limit(self) -> int | None:
         """How many of the newest messages ``build`` may use (None: all of them)."""
@@ -242,12 +272,27 @@ class HistoryPolicy:
         messages = await store.history(
             conversation, limit=self.fetch_limit(), after_id=conversation.summary_upto_id
         )
-        return self.build(messages, system=system, summary=conversation.summary)
+        window = self.build(messages, system=system, summary=conversation.summary)
+        self._sent = window
+        return window
 
     async def after_turn(
         self, store: ConversationStore, conversation: Conversation, provider: Provider
     ) -> None:
-        """Upkeep after a completed turn (nothing, unless the strategy summarises)."""
+        """Learn the provider's token counting from the usage it reported for this turn."""
+        try:
+            await self._calibrate(store, conversation)
+        except Exception:
+            log.warning("conversation %s: token calibration failed", conversation.id, exc_info=True)
+
+    async def _calibrate(self, store: ConversationStore, conversation: Conversation) -> None:
+        sent = self._sent
+        if sent is None or self.counter.exact:
+            return
+        newest = await store.history(conversation, limit=1)
+        if not newest or newest[0].role != "assistant" or not newest[0].input_tokens:
+            return
+        self.counter.observe(raw_estimate(sent.system, sent.messages), newest[0].input_tokens)
 
 
 class CountPolicy(HistoryPolicy):
@@ -289,9 +334,8 @@ class TokenBudgetPolicy(HistoryPolicy):
         self, max_tokens: int, reply_reserve: int, counter: TokenCounter | None = None
     ) -> None:
         self.max_tokens = max_tokens
-        self.reply_reserve = reply_reserve
+        self.reply_reserve = fitted_reserve(max_tokens, reply_reserve)
         self.counter = counter or TokenCounter()
-        self._sent: Window | None = None
 
     @property
     def budget(self) -> int:
@@ -360,24 +404,6 @@ class TokenBudgetPolicy(HistoryPolicy):
             if sum(self.counter.message(m.content) for m in rows) > self.budget:
                 return rows
             limit = min(bound, limit * 4)
-
-    async def after_turn(
-        self, store: ConversationStore, conversation: Conversation, provider: Provider
-    ) -> None:
-        """Learn the provider's token counting from the usage it reported for this turn."""
-        try:
-            await self._calibrate(store, conversation)
-        except Exception:
-            log.warning("conversation %s: token calibration failed", conversation.id, exc_info=True)
-
-    async def _calibrate(self, store: ConversationStore, conversation: Conversation) -> None:
-        sent = self._sent
-        if sent is None or self.counter.exact:
-            return
-        newest = await store.history(conversation, limit=1)
-        if not newest or newest[0].role != "assistant" or not newest[0].input_tokens:
-            return
-        self.counter.observe(raw_estimate(sent.system, sent.messages), newest[0].input_tokens)
 
 
 class SummaryPolicy(TokenBudgetPolicy):
@@ -464,19 +490,34 @@ class SummaryPolicy(TokenBudgetPolicy):
         if not folded:
             return
         folded = self._cap_fold(folded)
+        usage = Usage()
         summary = await asyncio.wait_for(
             provider.complete(
                 [ChatMessage("user", self._fold_request(conversation.summary, folded))],
                 system=SUMMARISER_SYSTEM,
                 max_tokens=self.summary_tokens,
+                usage=usage,
             ),
             timeout=self.fold_timeout,
         )
-        summary = summary.strip()
+        if usage.cut_at_limit:
+            # A summary cut mid-sentence would be stored as if whole, and the messages it
+            # covers dropped for good.
+            log.warning(
+                "conversation %s: the summary was cut at %d tokens; not stored, will retry",
+                conversation.id,
+                self.summary_tokens,
+            )
+            return
+        # The model may echo a cut marker from the transcript: it is not part of a summary.
+        summary = without_cut_markers(summary)
         if not summary:
             log.warning("conversation %s: the summary came back empty; will retry", conversation.id)
             return
-        summary = self.counter.truncate(summary, self.summary_tokens)
+        summary = self.counter.clip(summary, self.summary_tokens)
+        if not summary:
+            log.warning("conversation %s: the summary did not fit; will retry", conversation.id)
+            return
         stored = await store.replace_summary(
             conversation.id,
             generation=conversation.generation,

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-import anthropic
 import httpx2
-from anthropic.types import AssistantMessageParam, MessageParam, UserMessageParam
 
 from core.config import Settings
-from core.conversation import ChatMessage, Usage
+from core.conversation import FINISH_LENGTH, FINISH_STOP, ChatMessage, Usage
 from core.errors import ConfigError, PermanentProviderError
 from core.providers import register
 from core.providers.base import Provider
@@ -24,10 +23,24 @@ from core.providers.failures import (
     one_line,
     transport_error,
 )
+from core.providers.sdk import SdkImport
+
+if TYPE_CHECKING:
+    # The SDK itself is imported when the provider is built (core/providers/sdk.py).
+    import anthropic
+    from anthropic.types import MessageParam
 
 ANTHROPIC_API_URL = "https://api.anthropic.com"
 #: Sent as the key to an ANTHROPIC_BASE_URL server that needs none (a local gateway).
 PLACEHOLDER_API_KEY = "not-needed"
+#: Anthropic's ``stop_reason`` values in ``Usage.finish_reason``'s words; others pass through
+#: (docs.anthropic.com "Handling stop reasons": a reply cut at the context window is cut too).
+STOP_REASONS = {
+    "end_turn": FINISH_STOP,
+    "stop_sequence": FINISH_STOP,
+    "max_tokens": FINISH_LENGTH,
+    "model_context_window_exceeded": FINISH_LENGTH,
+}
 
 
 @register
@@ -43,6 +56,7 @@ class AnthropicProvider(Provider):
         self, settings: Settings, *, client: anthropic.AsyncAnthropic | None = None
     ) -> None:
         super().__init__(settings)
+        self._sdk = SdkImport("anthropic")
         custom_url = settings.anthropic_base_url
         if settings.anthropic_api_key is None and custom_url is None:
             raise ConfigError(
@@ -58,14 +72,23 @@ class AnthropicProvider(Provider):
             model=self.model,
             timeout=settings.llm_timeout or None,
         )
-        # An explicit api_key keeps the SDK from reading credentials from os.environ or its
-        # profile files; max_retries=0 because core/retry.py is the one retry layer.
-        self.client = client or anthropic.AsyncAnthropic(
-            api_key=settings.anthropic_api_key or PLACEHOLDER_API_KEY,
-            base_url=self.endpoint.base_url,
-            timeout=self.endpoint.timeout,
-            max_retries=0,
-        )
+        self._api_key = settings.anthropic_api_key or PLACEHOLDER_API_KEY
+        self._client = client
+
+    @property
+    def client(self) -> anthropic.AsyncAnthropic:
+        """The SDK client, built on first use (after the SDK's import has finished)."""
+        if self._client is None:
+            sdk = self._sdk.module()
+            # An explicit api_key keeps the SDK from reading credentials from os.environ or its
+            # profile files; max_retries=0 because core/retry.py is the one retry layer.
+            self._client = sdk.AsyncAnthropic(
+                api_key=self._api_key,
+                base_url=self.endpoint.base_url,
+                timeout=self.endpoint.timeout,
+                max_retries=0,
+            )
+        return self._client
 
     @property
     def label(self) -> str:
@@ -81,19 +104,20 @@ class AnthropicProvider(Provider):
         max_tokens: int,
         usage: Usage | None = None,
     ) -> AsyncIterator[str]:
-        wire: list[MessageParam] = [
-            UserMessageParam(role="user", content=m.content)
-            if m.role == "user"
-            else AssistantMessageParam(role="assistant", content=m.content)
-            for m in messages
-        ]
+        sdk = await self._sdk.ready()
+        wire: list[MessageParam] = []
+        for message in messages:
+            if message.role == "user":
+                wire.append({"role": "user", "content": message.content})
+            else:
+                wire.append({"role": "assistant", "content": message.content})
         with map_anthropic_exceptions(self.endpoint):
             response = await self.client.messages.create(
                 model=self.model,
                 max_tokens=max_tokens,
                 messages=wire,
                 # The API rejects an empty system text block; no prompt means no field.
-                system=system if system else anthropic.omit,
+                system=system if system else sdk.omit,
                 stream=True,
             )
             async with response:
@@ -112,6 +136,9 @@ class AnthropicProvider(Provider):
                     elif event.type == "message_delta" and usage is not None:
                         # Counts in message_delta are cumulative, so they replace, not add.
                         usage.output_tokens = event.usage.output_tokens
+                        reason = event.delta.stop_reason
+                        if reason is not None:
+                            usage.finish_reason = STOP_REASONS.get(reason, reason)
                         if event.usage.input_tokens is not None:
                             usage.input_tokens = (
                                 event.usage.input_tokens
@@ -120,7 +147,8 @@ class AnthropicProvider(Provider):
                             )
 
     async def aclose(self) -> None:
-        await self.client.close()
+        if self._client is not None:
+            await self._client.close()
 
 
 @contextmanager
@@ -129,8 +157,11 @@ def map_anthropic_exceptions(endpoint: Endpoint) -> Iterator[None]:
 
     The SDK turns an ``event: error`` inside a 200 stream into an ``APIStatusError`` whose
     status is the stream's (200): the error's ``type`` (``overloaded_error``) decides then. It
-    lets transport errors raised while reading the stream through untranslated.
+    lets transport errors raised while reading the stream through untranslated. Used once the
+    SDK is loaded (``AnthropicProvider.stream`` waits for it), so importing it here is a lookup.
     """
+    import anthropic
+
     try:
         yield
     except anthropic.APIStatusError as exc:
@@ -141,6 +172,7 @@ def map_anthropic_exceptions(endpoint: Endpoint) -> Iterator[None]:
                 error_type=exc.type,
                 code=exc.error_code,
                 headers=exc.response.headers,
+                details=_error_object(exc.body),
             ),
             endpoint,
         ) from exc
@@ -158,9 +190,18 @@ def map_anthropic_exceptions(endpoint: Endpoint) -> Iterator[None]:
         ) from exc
 
 
+def _error_object(body: object) -> dict[str, object] | None:
+    """The ``error`` object of an Anthropic error body, when there is one."""
+    if not isinstance(body, dict):
+        return None
+    error = body.get("error")
+    return error if isinstance(error, dict) else None
+
+
 __all__ = [
     "ANTHROPIC_API_URL",
     "PLACEHOLDER_API_KEY",
+    "STOP_REASONS",
     "AnthropicProvider",
     "map_anthropic_exceptions",
 ]

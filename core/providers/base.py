@@ -51,11 +51,23 @@ class Provider(ABC):
         """Stream the answer to ``messages`` after the ``system`` prompt, as text deltas."""
 
     async def complete(
-        self, messages: Sequence[ChatMessage], *, system: str, max_tokens: int
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        system: str,
+        max_tokens: int,
+        usage: Usage | None = None,
     ) -> str:
-        """The whole answer at once (summaries); built on ``stream``."""
+        """The whole answer at once (summaries); built on ``stream``.
+
+        Check ``usage.finish_reason``: an answer cut at ``max_tokens`` is returned as far as it
+        got.
+        """
         parts = [
-            delta async for delta in self.stream(messages, system=system, max_tokens=max_tokens)
+            delta
+            async for delta in self.stream(
+                messages, system=system, max_tokens=max_tokens, usage=usage
+            )
         ]
         return "".join(parts)
 

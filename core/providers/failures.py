@@ -11,6 +11,7 @@ from __future__ import annotations
 import email.utils
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import anyio
 import httpx2
 
 from core.errors import (
+    ContextOverflowError,
     PermanentProviderError,
     ProviderAuthError,
     ProviderError,
@@ -52,6 +54,43 @@ STREAM_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
 #: A chunk whose data line is not JSON: the SDKs raise ``json.JSONDecodeError`` mid-stream.
 MALFORMED_CHUNK_ERRORS: tuple[type[BaseException], ...] = (json.JSONDecodeError,)
 
+#: How each server says a request exceeds the context window (matched lower-cased against the
+#: error's code, type and message): OpenAI's ``context_length_exceeded`` code ("This model's
+#: maximum context length is N tokens ..."), vLLM's same sentence, Anthropic's "prompt is too
+#: long: N tokens > M maximum" and "input length and `max_tokens` exceed context limit",
+#: llama.cpp's ``exceed_context_size_error`` ("request (3031 tokens) exceeds the available
+#: context size (2048 tokens), try increasing it", with ``n_prompt_tokens`` and ``n_ctx``).
+CONTEXT_OVERFLOW_MARKERS = (
+    "context_length_exceeded",
+    "exceed_context_size_error",
+    "maximum context length",
+    "prompt is too long",
+    "exceed context limit",
+    "exceeds the available context size",
+)
+#: Statuses a context overflow arrives with: 400 from every API (413 is Anthropic's
+#: request_too_large, about bytes rather than tokens, so it is left out); an error inside a
+#: started stream has the stream's status (200, Anthropic) or None (OpenAI).
+CONTEXT_OVERFLOW_STATUSES = frozenset({400, 200, None})
+#: The context size, as the messages state it (first match wins).
+_LIMIT_PATTERNS = (
+    re.compile(r"maximum context length is ([\d,]+) tokens"),
+    re.compile(r"limit of ([\d,]+) tokens"),
+    re.compile(r"> ([\d,]+) maximum"),
+    re.compile(r"exceed context limit: [\d,]+ \+ [\d,]+ > ([\d,]+)"),
+    re.compile(r"available context size \(([\d,]+) tokens\)"),
+)
+#: What the request came to, as the messages state it.
+_REQUESTED_PATTERNS = (
+    re.compile(r"resulted in ([\d,]+) tokens"),
+    re.compile(r"you requested ([\d,]+) tokens"),
+    re.compile(r"too long: ([\d,]+) tokens"),
+    re.compile(r"request \(([\d,]+) tokens\) exceeds"),
+)
+#: Fields of llama.cpp's error object: the context size and the prompt's tokens.
+LLAMA_CPP_CONTEXT_FIELD = "n_ctx"
+LLAMA_CPP_PROMPT_FIELD = "n_prompt_tokens"
+
 # Longest API error message quoted in one of our one-line errors.
 _MAX_QUOTED_MESSAGE = 300
 
@@ -82,6 +121,8 @@ class ApiFailure:
     error_type: str | None = None
     code: str | None = None
     headers: Mapping[str, str] | None = None
+    #: The error object itself, for fields beyond message/type/code (llama.cpp's ``n_ctx``).
+    details: Mapping[str, object] | None = None
 
 
 def retry_after_seconds(
@@ -132,10 +173,60 @@ def one_line(text: str) -> str:
     return flat
 
 
+def is_context_overflow(failure: ApiFailure) -> bool:
+    """Whether ``failure`` says the request exceeds the model's context window."""
+    if failure.status not in CONTEXT_OVERFLOW_STATUSES:
+        return False
+    said = " ".join(
+        part.lower() for part in (failure.code, failure.error_type, failure.message) if part
+    )
+    return any(marker in said for marker in CONTEXT_OVERFLOW_MARKERS)
+
+
+def context_overflow_error(failure: ApiFailure, endpoint: Endpoint) -> ContextOverflowError:
+    """Our error for a context overflow, with the sizes the server stated."""
+    details = failure.details or {}
+    message = failure.message.lower()
+    limit = _int_field(details, LLAMA_CPP_CONTEXT_FIELD) or _first_number(_LIMIT_PATTERNS, message)
+    requested = _int_field(details, LLAMA_CPP_PROMPT_FIELD) or _first_number(
+        _REQUESTED_PATTERNS, message
+    )
+    sizes = ""
+    if requested is not None and limit is not None:
+        sizes = f" ({requested:,} tokens for a {limit:,}-token context)"
+    elif limit is not None:
+        sizes = f" (a {limit:,}-token context)"
+    return ContextOverflowError(
+        f"{endpoint.vendor} says the request is too long for {endpoint.model!r}{sizes}: "
+        f"{one_line(failure.message)}",
+        limit=limit,
+        requested=requested,
+        status=failure.status,
+    )
+
+
+def _int_field(details: Mapping[str, object], name: str) -> int | None:
+    value = details.get(name)
+    # bool is an int too; a flag is not a size.
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
+
+
+def _first_number(patterns: tuple[re.Pattern[str], ...], text: str) -> int | None:
+    for pattern in patterns:
+        match = pattern.search(text)
+        if match:
+            return int(match.group(1).replace(",", ""))
+    return None
+
+
 def api_failure_error(failure: ApiFailure, endpoint: Endpoint) -> ProviderError:
     """Our error for a failure the API reported."""
     vendor, status = endpoint.vendor, failure.status
     said = one_line(failure.message)
+    if is_context_overflow(failure):
+        return context_overflow_error(failure, endpoint)
     if status is None or status < 400:
         # An error event inside a stream the server had accepted: the server's own failure,
         # unless it names a fault of the request.
@@ -203,6 +294,7 @@ def malformed_chunk_error(exc: BaseException, endpoint: Endpoint) -> TransientPr
 
 
 __all__ = [
+    "CONTEXT_OVERFLOW_MARKERS",
     "MALFORMED_CHUNK_ERRORS",
     "MAX_RETRY_AFTER_SECONDS",
     "STREAM_TRANSPORT_ERRORS",
@@ -211,6 +303,8 @@ __all__ = [
     "ApiFailure",
     "Endpoint",
     "api_failure_error",
+    "context_overflow_error",
+    "is_context_overflow",
     "malformed_chunk_error",
     "one_line",
     "retry_after_seconds",

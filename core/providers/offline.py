@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from core.config import Settings
-from core.conversation import ChatMessage, Usage
+from core.conversation import FINISH_STOP, ChatMessage, Usage
 from core.providers import register
 from core.providers.base import Provider
 from core.tokens import estimate_tokens
@@ -89,6 +89,7 @@ class OfflineProvider(Provider):
             usage.input_tokens = sum(estimate_tokens(m.content) for m in messages)
             usage.input_tokens += estimate_tokens(system)
             usage.output_tokens = estimate_tokens("".join(produced))
+            usage.finish_reason = FINISH_STOP
 
 
 def demo_answer(messages: Sequence[ChatMessage]) -> list[str]:

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import httpx2
-import openai
-from openai.types.chat import (
-    ChatCompletionAssistantMessageParam,
-    ChatCompletionMessageParam,
-    ChatCompletionSystemMessageParam,
-    ChatCompletionUserMessageParam,
-)
 
 from core.config import Settings
 from core.conversation import ChatMessage, Usage, alternating
@@ -29,6 +23,12 @@ from core.providers.failures import (
     one_line,
     transport_error,
 )
+from core.providers.sdk import SdkImport
+
+if TYPE_CHECKING:
+    # The SDK itself is imported when the provider is built (core/providers/sdk.py).
+    import openai
+    from openai.types.chat import ChatCompletionMessageParam
 
 OPENAI_API_URL = "https://api.openai.com/v1"
 #: Sent as the key to an OPENAI_BASE_URL server that needs none (Ollama, llama.cpp): the SDK
@@ -47,6 +47,7 @@ class OpenAIProvider(Provider):
 
     def __init__(self, settings: Settings, *, client: openai.AsyncOpenAI | None = None) -> None:
         super().__init__(settings)
+        self._sdk = SdkImport("openai")
         custom_url = settings.openai_base_url
         if settings.openai_api_key is None and custom_url is None:
             raise ConfigError(
@@ -63,14 +64,23 @@ class OpenAIProvider(Provider):
             model=self.model,
             timeout=settings.llm_timeout or None,
         )
-        # Everything is passed explicitly so the SDK never falls back to os.environ, and
-        # max_retries=0 because core/retry.py is the one retry layer.
-        self.client = client or openai.AsyncOpenAI(
-            api_key=settings.openai_api_key or PLACEHOLDER_API_KEY,
-            base_url=self.endpoint.base_url,
-            timeout=self.endpoint.timeout,
-            max_retries=0,
-        )
+        self._api_key = settings.openai_api_key or PLACEHOLDER_API_KEY
+        self._client = client
+
+    @property
+    def client(self) -> openai.AsyncOpenAI:
+        """The SDK client, built on first use (after the SDK's import has finished)."""
+        if self._client is None:
+            sdk = self._sdk.module()
+            # Everything is passed explicitly so the SDK never falls back to os.environ, and
+            # max_retries=0 because core/retry.py is the one retry layer.
+            self._client = sdk.AsyncOpenAI(
+                api_key=self._api_key,
+                base_url=self.endpoint.base_url,
+                timeout=self.endpoint.timeout,
+                max_retries=0,
+            )
+        return self._client
 
     @property
     def label(self) -> str:
@@ -86,17 +96,16 @@ class OpenAIProvider(Provider):
         max_tokens: int,
         usage: Usage | None = None,
     ) -> AsyncIterator[str]:
+        await self._sdk.ready()
         wire: list[ChatCompletionMessageParam] = []
         if system:
-            wire.append(ChatCompletionSystemMessageParam(role="system", content=system))
+            wire.append({"role": "system", "content": system})
         # Roles alternate on the wire: local servers' chat templates often insist on it.
         for message in alternating(messages):
             if message.role == "user":
-                wire.append(ChatCompletionUserMessageParam(role="user", content=message.content))
+                wire.append({"role": "user", "content": message.content})
             else:
-                wire.append(
-                    ChatCompletionAssistantMessageParam(role="assistant", content=message.content)
-                )
+                wire.append({"role": "assistant", "content": message.content})
         with map_openai_exceptions(self.endpoint):
             if self.endpoint.base_url_is_custom:
                 # Compatible servers all know max_tokens; not all know its successor.
@@ -123,17 +132,29 @@ class OpenAIProvider(Provider):
                         usage.input_tokens = chunk.usage.prompt_tokens
                         usage.output_tokens = chunk.usage.completion_tokens
                     for choice in chunk.choices:
+                        if choice.index != 0:
+                            continue
+                        # OpenAI's words are the normalised ones ("stop", "length", ...).
+                        if choice.finish_reason is not None and usage is not None:
+                            usage.finish_reason = choice.finish_reason
                         # Empty strings are noise (the first chunk has content="").
-                        if choice.index == 0 and choice.delta is not None and choice.delta.content:
+                        if choice.delta is not None and choice.delta.content:
                             yield choice.delta.content
 
     async def aclose(self) -> None:
-        await self.client.close()
+        if self._client is not None:
+            await self._client.close()
 
 
 @contextmanager
 def map_openai_exceptions(endpoint: Endpoint) -> Iterator[None]:
-    """Translate what the OpenAI SDK (and the transport under it) raises into our error tree."""
+    """Translate what the OpenAI SDK (and the transport under it) raises into our error tree.
+
+    Used once the SDK is loaded (``OpenAIProvider.stream`` waits for it), so importing it here
+    costs a dictionary lookup.
+    """
+    import openai
+
     try:
         yield
     except openai.APIStatusError as exc:
@@ -144,6 +165,7 @@ def map_openai_exceptions(endpoint: Endpoint) -> Iterator[None]:
                 error_type=exc.type,
                 code=exc.code,
                 headers=exc.response.headers,
+                details=_error_object(exc.body),
             ),
             endpoint,
         ) from exc
@@ -159,7 +181,13 @@ def map_openai_exceptions(endpoint: Endpoint) -> Iterator[None]:
     except openai.APIError as exc:
         # An ``{"error": ...}`` object inside a started stream.
         raise api_failure_error(
-            ApiFailure(status=None, message=exc.message, error_type=exc.type, code=exc.code),
+            ApiFailure(
+                status=None,
+                message=exc.message,
+                error_type=exc.type,
+                code=exc.code,
+                details=_error_object(exc.body),
+            ),
             endpoint,
         ) from exc
     except STREAM_TRANSPORT_ERRORS as exc:
@@ -174,12 +202,18 @@ def map_openai_exceptions(endpoint: Endpoint) -> Iterator[None]:
 
 def _api_message(exc: openai.APIStatusError) -> str:
     """The API's own ``error.message`` when the body has one, else the SDK's summary."""
-    body = exc.body
-    if isinstance(body, dict):
-        error = body.get("error", body)
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return str(error["message"])
+    error = _error_object(exc.body)
+    if error is not None and isinstance(error.get("message"), str):
+        return str(error["message"])
     return exc.message
+
+
+def _error_object(body: object) -> dict[str, object] | None:
+    """The ``error`` object of an error body (the SDK hands over either the body or the object)."""
+    if not isinstance(body, dict):
+        return None
+    error = body.get("error", body)
+    return error if isinstance(error, dict) else None
 
 
 __all__ = ["OPENAI_API_URL", "PLACEHOLDER_API_KEY", "OpenAIProvider", "map_openai_exceptions"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 
@@ -11,6 +12,7 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+import core.history as history_module
 from core.config import Settings
 from core.conversation import ChatMessage, ConversationKey, Role, Usage
 from core.errors import TransientProviderError
@@ -28,14 +30,18 @@ from core.history import (
     policy_for,
     raw_estimate,
 )
+from core.providers.base import Provider
 from core.providers.offline import OfflineProvider
+from core.providers.openai import OpenAIProvider
 from core.store import Conversation, ConversationStore, StoredMessage
-from core.tokens import MESSAGE_OVERHEAD_TOKENS, TokenCounter
+from core.tokens import MESSAGE_OVERHEAD_TOKENS, TRUNCATION_MARKER, TokenCounter
+from tests.wire.llm_server import FakeLLMServer, answer, cut_at_limit
 
 SYSTEM = "You are a helpful assistant."
 KEY = ConversationKey("test", "w", "c", "t")
-# 350 characters: 100 estimated tokens, 104 as a message.
-FILLER = ("lorem ipsum dolor sit amet " * 13)[:350]
+# 360 letters: 100 estimated tokens, 104 as a message (also as "m12 " and the rest of it: the
+# space is free and the digits count as letters).
+FILLER = ("loremipsumdolorsitamet" * 17)[:360]
 
 
 def stored(*turns: tuple[Role, str]) -> list[StoredMessage]:
@@ -146,10 +152,30 @@ def test_tokens_budget_smaller_than_the_system_prompt() -> None:
     assert "over budget" in window.describe()
 
 
-def test_tokens_reserve_larger_than_the_budget_still_sends_the_question() -> None:
-    window = tokens_policy(500, 1024).build(stored(("user", "hi there")), system=SYSTEM)
+@pytest.mark.parametrize(("max_tokens", "reserve"), [(600, 1024), (8000, 9000), (500, 500)])
+def test_a_reserve_that_leaves_no_room_shrinks_to_half_with_one_warning(
+    max_tokens: int, reserve: int, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Warned once a process: start from a process that has not warned yet.
+    monkeypatch.setattr(history_module, "_reserve_warned", set())
+    caplog.set_level(logging.WARNING, logger="core.history")
+    for _ in range(3):  # a policy is built every turn; the warning is said once
+        policy = tokens_policy(max_tokens, reserve)
+        window = policy.build(stored(("user", "hi there")), system=SYSTEM)
+    assert policy.reply_reserve == max_tokens // 2
+    assert window.budget == max_tokens - max_tokens // 2
     assert [m.content for m in window.messages] == ["hi there"]
-    assert window.over_budget
+    assert not window.over_budget
+    assert f"of a {window.budget:,}-token budget" in window.describe()
+    warnings = [r.getMessage() for r in caplog.records if "REPLY_RESERVE_TOKENS" in r.getMessage()]
+    assert len(warnings) == 1
+    assert f"REPLY_RESERVE_TOKENS={reserve}" in warnings[0]
+    assert f"MAX_HISTORY_TOKENS={max_tokens}" in warnings[0]
+    assert "system prompt" not in warnings[0]
+
+
+def test_a_reserve_that_fits_is_kept() -> None:
+    assert tokens_policy(2000, 1999).reply_reserve == 1999
 
 
 def test_tokens_never_starts_with_the_assistant() -> None:
@@ -177,8 +203,9 @@ def test_tokens_window_properties(
     assert window.tokens == counter.count(SYSTEM) + sum(
         counter.message(m.content) for m in window.messages
     )
+    assert window.budget is not None and window.budget > 0
     if not window.over_budget:
-        assert window.tokens <= max_tokens - reserve
+        assert window.tokens <= max_tokens - policy.reply_reserve
     if window.messages:
         assert window.messages[0].role == "user"
         # A suffix of the stored messages; only the oldest one sent may have been cut.
@@ -329,11 +356,16 @@ class GatedProvider(OfflineProvider):
         self.arrived = asyncio.Event()
 
     async def complete(
-        self, messages: Sequence[ChatMessage], *, system: str, max_tokens: int
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        system: str,
+        max_tokens: int,
+        usage: Usage | None = None,
     ) -> str:
         self.arrived.set()
         await self.gate.wait()
-        return await super().complete(messages, system=system, max_tokens=max_tokens)
+        return await super().complete(messages, system=system, max_tokens=max_tokens, usage=usage)
 
 
 class Chat:
@@ -362,7 +394,7 @@ class Chat:
             self.max_tokens, self.reserve, self.counter, fold_timeout=self.fold_timeout
         )
 
-    async def turn(self, provider: OfflineProvider, *, upkeep: bool = True) -> SummaryPolicy:
+    async def turn(self, provider: Provider, *, upkeep: bool = True) -> SummaryPolicy:
         self.conversation = await self.store.get(self.conversation.id)
         n = self.turns
         self.turns += 1
@@ -434,6 +466,43 @@ async def test_an_empty_summary_is_not_stored(
     provider.enqueue(["   "])
     await chat.turn(provider)
     assert (await store.get(conversation.id)).summary is None
+
+
+async def test_a_summary_cut_at_its_token_limit_is_not_stored(
+    store: ConversationStore, settings: Settings
+) -> None:
+    conversation, _ = await store.get_or_create(KEY)
+    chat = Chat(store, conversation)
+    async with FakeLLMServer() as server:
+        provider = OpenAIProvider(
+            settings.with_overrides(llm_provider="openai", openai_base_url=server.openai_base_url)
+        )
+        try:
+            for _ in range(5):
+                await chat.turn(provider, upkeep=False)
+            server.enqueue(cut_at_limit("They chose PostgreSQL and then"))
+            await chat.turn(provider)
+            assert (await store.get(conversation.id)).summary is None
+            server.enqueue(answer("They chose PostgreSQL."))
+            await chat.turn(provider)
+        finally:
+            await provider.aclose()
+    assert (await store.get(conversation.id)).summary == "They chose PostgreSQL."
+
+
+async def test_a_cut_marker_echoed_into_a_summary_is_not_stored(
+    store: ConversationStore, provider: OfflineProvider
+) -> None:
+    conversation, _ = await store.get_or_create(KEY)
+    chat = Chat(store, conversation)
+    for _ in range(5):
+        await chat.turn(provider, upkeep=False)
+    provider.enqueue(
+        [f"They pasted a log.{TRUNCATION_MARKER.format(cut=12_345)}It ended in an error."]
+    )
+    await chat.turn(provider)
+    summary = (await store.get(conversation.id)).summary
+    assert summary == "They pasted a log.\n\nIt ended in an error."
 
 
 async def test_a_slow_summary_is_abandoned(store: ConversationStore, settings: Settings) -> None:
@@ -546,3 +615,22 @@ async def test_reported_usage_calibrates_the_estimate(
         await policy.after_turn(store, conversation, provider)
     assert counter.calibration.samples == 4
     assert counter.calibration.factor == pytest.approx(2 * 1.05, rel=0.01)
+
+
+async def test_the_count_strategy_calibrates_from_reported_usage_too(
+    store: ConversationStore, provider: OfflineProvider
+) -> None:
+    conversation, _ = await store.get_or_create(KEY)
+    counter = TokenCounter()
+    for n in range(3):
+        await store.append(conversation, "user", f"question {n} {FILLER}")
+        policy = CountPolicy(20, counter)
+        window = await policy.load(store, conversation, system=SYSTEM)
+        # A small model's tokenizer that counts two thirds of what the estimate does.
+        reported = 2 * raw_estimate(window.system, window.messages) // 3
+        await store.append(conversation, "assistant", "ok", input_tokens=reported)
+        await policy.after_turn(store, conversation, provider)
+    assert counter.calibration.samples == 3
+    assert counter.calibration.factor == pytest.approx(2 / 3 * 1.05, rel=0.02)
+    window = await CountPolicy(20, counter).load(store, conversation, system=SYSTEM)
+    assert "calibrated" in window.counted_with

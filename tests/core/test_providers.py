@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -15,6 +17,7 @@ from core.config import Settings
 from core.conversation import ChatMessage, Usage
 from core.errors import (
     ConfigError,
+    ContextOverflowError,
     PermanentProviderError,
     ProviderAuthError,
     ProviderError,
@@ -33,8 +36,10 @@ from tests.wire.llm_server import (
     Reply,
     answer,
     bad_request,
+    context_overflow,
     count_words,
     cut,
+    cut_at_limit,
     echo_answer,
     http_error,
     malformed,
@@ -178,6 +183,86 @@ async def test_default_usage_counts_the_prompt(provider: Provider, server: FakeL
     assert (outcome.usage.input_tokens, outcome.usage.output_tokens) == (expected_in, expected_out)
 
 
+async def test_a_finished_answer_reports_stop(provider: Provider, server: FakeLLMServer) -> None:
+    outcome = await run(provider)
+    assert outcome.usage.finish_reason == "stop"
+    assert not outcome.usage.cut_at_limit
+
+
+async def test_an_answer_cut_at_max_tokens_reports_length(
+    provider: Provider, server: FakeLLMServer
+) -> None:
+    server.enqueue(answer("one two three four five six"))
+    outcome = await run(provider, max_tokens=2)
+    assert outcome.error is None
+    assert outcome.deltas == ["one ", "two "]
+    # Anthropic says stop_reason "max_tokens"; both arrive as "length".
+    assert outcome.usage.finish_reason == "length"
+    assert outcome.usage.cut_at_limit
+
+
+async def test_a_scripted_length_finish_arrives_as_length(
+    provider: Provider, server: FakeLLMServer
+) -> None:
+    server.enqueue(cut_at_limit("short"))
+    assert (await run(provider)).usage.finish_reason == "length"
+
+
+async def test_an_unknown_finish_reason_passes_through(
+    provider: Provider, server: FakeLLMServer
+) -> None:
+    server.enqueue(answer("no", finish="content_filter"))
+    assert (await run(provider)).usage.finish_reason == "content_filter"
+
+
+async def test_a_dropped_stream_reports_no_finish_reason(
+    provider: Provider, server: FakeLLMServer
+) -> None:
+    server.enqueue(cut(after=1, text="a b c"))
+    outcome = await run(provider)
+    assert isinstance(outcome.error, TransientProviderError)
+    assert outcome.usage.finish_reason is None
+
+
+@pytest.mark.parametrize("style", ["vendor", "llama.cpp"])
+async def test_a_context_overflow_is_recognised_with_its_sizes(
+    provider: Provider, server: FakeLLMServer, style: Any
+) -> None:
+    server.enqueue(context_overflow(limit=8192, requested=9001, style=style))
+    outcome = await run(provider)
+    error = outcome.error
+    assert type(error) is ContextOverflowError, repr(error)
+    assert isinstance(error, PermanentProviderError)  # never retried
+    assert (error.limit, error.requested, error.status) == (8192, 9001, 400)
+    assert "9,001 tokens for a 8,192-token context" in str(error)
+    assert error.__cause__ is not None
+    assert len(server.chat_requests()) == 1
+
+
+async def test_a_server_with_a_small_context_refuses_long_prompts(provider: Provider) -> None:
+    async with FakeLLMServer(context_tokens=5) as small:
+        built = build_provider(
+            settings_for(provider.name, small.openai_base_url, small.anthropic_base_url)
+        )
+        try:
+            fits = await run(built, [ChatMessage("user", "two words")], system="")
+            too_long = await run(built, [ChatMessage("user", "one two three four five six")])
+        finally:
+            await built.aclose()
+    assert fits.error is None
+    assert isinstance(too_long.error, ContextOverflowError)
+    assert too_long.error.limit == 5
+    assert too_long.error.requested == count_words("You are terse.", "one two three four five six")
+
+
+async def test_other_bad_requests_are_not_context_overflows(
+    provider: Provider, server: FakeLLMServer
+) -> None:
+    server.enqueue(bad_request("max_tokens: must be at most 4096 tokens"))
+    outcome = await run(provider)
+    assert type(outcome.error) is PermanentProviderError
+
+
 async def test_slow_tokens_still_arrive_whole(provider: Provider, server: FakeLLMServer) -> None:
     server.enqueue(slow(0.01, "one two three"))
     outcome = await run(provider)
@@ -307,8 +392,39 @@ def test_default_models_and_registry() -> None:
 
 
 async def test_aclose_closes_the_sdk_client(provider: Provider) -> None:
+    assert (await run(provider)).error is None
     await provider.aclose()
     assert provider.client.is_closed()  # type: ignore[attr-defined]
+
+
+async def test_aclose_before_any_request_builds_no_client(provider: Provider) -> None:
+    await provider.aclose()
+    assert provider._client is None  # type: ignore[attr-defined]
+
+
+SDK_MODULES = {"openai": "core.providers.openai", "anthropic": "core.providers.anthropic"}
+
+
+@pytest.mark.parametrize("name", PROVIDERS)
+def test_a_provider_module_imports_no_sdk_until_its_provider_is_built(name: str) -> None:
+    """``import anthropic`` alone costs over a second: only a built provider pays for its SDK."""
+    other = "anthropic" if name == "openai" else "openai"
+    script = (
+        "import sys\n"
+        "import core.providers.failures, core.providers.openai, core.providers.anthropic\n"
+        "assert 'openai' not in sys.modules and 'anthropic' not in sys.modules, 'at import'\n"
+        "from core.config import Settings\n"
+        "from core.providers import build_provider\n"
+        f"p = build_provider(Settings().with_overrides(llm_provider={name!r},\n"
+        "    openai_api_key='k', anthropic_api_key='k'))\n"
+        "p._sdk.module()\n"
+        f"assert {name!r} in sys.modules, 'not loaded once built'\n"
+        f"assert {other!r} not in sys.modules, 'the other SDK was loaded'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
 
 
 # -- faults ------------------------------------------------------------------------------------

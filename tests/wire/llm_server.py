@@ -4,9 +4,13 @@ The real SDKs (``AsyncOpenAI``, ``AsyncAnthropic``) are pointed at it through th
 and cannot tell it from the real thing: the same paths, SSE event sequences, error bodies and
 headers. Each request to ``/v1/chat/completions`` or ``/v1/messages`` takes the next scripted
 ``Reply`` from a FIFO queue (an answer, an HTTP error, a stream cut mid-way, a malformed chunk,
-a mid-stream error event, slow tokens); with nothing queued it answers deterministically with an
-echo of the last user message (``echo_answer``), so demos work without scripting. Every request
-is recorded (path, headers, JSON body) for assertions.
+a mid-stream error event, slow tokens, an answer cut at ``max_tokens``, a context overflow); with
+nothing queued it answers deterministically with an echo of the last user message
+(``echo_answer``), so demos work without scripting. Like real servers it stops an answer at the
+request's ``max_tokens`` (one chunk a token) with ``finish_reason: length`` (Anthropic
+``stop_reason: max_tokens``), and with ``context_tokens`` set it refuses a prompt of more words
+than that with each API's own context-overflow error. Every request is recorded (path, headers,
+JSON body) for assertions.
 
 Three ways to use it:
 
@@ -52,7 +56,9 @@ CONTROL_PREFIX = "/_control"
 LISTED_MODELS = ("gpt-4.1-mini", "claude-haiku-4-5", "fake-echo")
 
 Api = Literal["openai", "anthropic"]
-Kind = Literal["answer", "status", "cut", "malformed", "stream_error"]
+Kind = Literal["answer", "status", "cut", "malformed", "stream_error", "context_overflow"]
+#: Who words a context-overflow error: the vendor's own API, or llama.cpp's llama-server.
+OverflowStyle = Literal["vendor", "llama.cpp"]
 
 # Error ``type`` per status, as each API names it (platform.openai.com/docs/guides/error-codes,
 # docs.anthropic.com/en/api/errors).
@@ -97,6 +103,10 @@ class Reply:
     after: int = 0
     input_tokens: int | None = None
     output_tokens: int | None = None
+    finish: str | None = None
+    limit: int | None = None
+    requested: int | None = None
+    style: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object ``POST /_control/enqueue`` accepts."""
@@ -122,15 +132,38 @@ def answer(
     delay: float = 0.0,
     input_tokens: int | None = None,
     output_tokens: int | None = None,
+    finish: str | None = None,
 ) -> Reply:
-    """A normal answer: ``chunks`` as given, else ``text`` split into words, else the echo."""
+    """A normal answer: ``chunks`` as given, else ``text`` split into words, else the echo.
+
+    ``finish`` is the OpenAI ``finish_reason`` to end with ("stop" unless the request's
+    ``max_tokens`` cut it: "length"); Anthropic gets the matching ``stop_reason``.
+    """
     return Reply(
         text=text,
         chunks=tuple(chunks) if chunks is not None else None,
         delay=delay,
         input_tokens=input_tokens,
         output_tokens=output_tokens,
+        finish=finish,
     )
+
+
+def cut_at_limit(text: str | None = None) -> Reply:
+    """An answer that ends with ``finish_reason: length`` / ``stop_reason: max_tokens``."""
+    return answer(text, finish=FINISH_LENGTH)
+
+
+def context_overflow(
+    limit: int = 2048, requested: int = 2100, *, style: OverflowStyle = "vendor"
+) -> Reply:
+    """HTTP 400: the prompt exceeds a ``limit``-token context, worded as the server words it.
+
+    ``vendor``: OpenAI's ``context_length_exceeded`` ("maximum context length is N tokens") or
+    Anthropic's "prompt is too long: N tokens > M maximum"; ``llama.cpp``: llama-server's
+    ``exceed_context_size_error`` with ``n_prompt_tokens`` and ``n_ctx`` in the error object.
+    """
+    return Reply(kind="context_overflow", status=400, limit=limit, requested=requested, style=style)
 
 
 def slow(delay: float, text: str | None = None) -> Reply:
@@ -212,6 +245,13 @@ def stream_error(
     return Reply(kind="stream_error", after=after, error_type=error_type, message=message)
 
 
+#: OpenAI's finish_reason for a normal end and for an answer cut at max_tokens.
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+#: Anthropic's stop_reason for each OpenAI finish_reason the fake sends.
+_ANTHROPIC_STOP_REASONS = {FINISH_STOP: "end_turn", FINISH_LENGTH: "max_tokens"}
+
+
 def _header_number(value: float | str) -> str:
     if isinstance(value, str):
         return value
@@ -267,6 +307,7 @@ class _Prompt:
     system: str
     texts: tuple[str, ...]
     last_user: str
+    max_tokens: int | None = None
 
 
 def _openai_prompt(body: dict[str, Any]) -> _Prompt:
@@ -288,7 +329,12 @@ def _openai_prompt(body: dict[str, Any]) -> _Prompt:
             if m.get("role") not in ("system", "developer")
         ),
         last_user=users[-1] if users else "",
+        max_tokens=_positive_int(body.get("max_completion_tokens", body.get("max_tokens"))),
     )
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def _anthropic_prompt(body: dict[str, Any]) -> _Prompt:
@@ -302,6 +348,7 @@ def _anthropic_prompt(body: dict[str, Any]) -> _Prompt:
         system=_text_of(body.get("system", "")),
         texts=tuple(_text_of(m.get("content")) for m in messages),
         last_user=users[-1] if users else "",
+        max_tokens=_positive_int(body.get("max_tokens")),
     )
 
 
@@ -317,13 +364,23 @@ class FakeLLMServer:
     """The fake API server. ``async with FakeLLMServer() as server`` starts it on a free port.
 
     ``api_key``: when set, requests must carry it (``Authorization: Bearer`` for OpenAI,
-    ``x-api-key`` for Anthropic) or get the API's own 401.
+    ``x-api-key`` for Anthropic) or get the API's own 401. ``context_tokens``: when set, a prompt
+    of more words than that (``count_words``, the fake's token count) is refused with the API's
+    context-overflow error, as a real server with that context window would.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, api_key: str | None = None):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        api_key: str | None = None,
+        context_tokens: int | None = None,
+    ):
         self.host = host
         self.port = port
         self.api_key = api_key
+        self.context_tokens = context_tokens
         self.requests: list[RecordedRequest] = []
         self._replies: deque[Reply] = deque()
         self._runner: web.AppRunner | None = None
@@ -428,8 +485,12 @@ class FakeLLMServer:
         try:
             if self.api_key is not None and presented_key != self.api_key:
                 return self._error_response(prompt.api, unauthorized(), prompt.model)
+            prompt_tokens = count_words(prompt.system, *prompt.texts)
+            if self.context_tokens is not None and prompt_tokens > self.context_tokens:
+                overflow = context_overflow(self.context_tokens, prompt_tokens)
+                return self._error_response(prompt.api, overflow, prompt.model)
             reply = self._replies.popleft() if self._replies else answer()
-            if reply.kind == "status":
+            if reply.kind in ("status", "context_overflow"):
                 return self._error_response(prompt.api, reply, prompt.model)
             if not prompt.stream:
                 return await self._whole_answer(request, prompt, reply)
@@ -446,8 +507,28 @@ class FakeLLMServer:
 
     def _chunks(self, prompt: _Prompt, reply: Reply) -> list[str]:
         if reply.chunks is not None:
-            return list(reply.chunks)
-        return split_words(reply.text if reply.text is not None else echo_answer(prompt.last_user))
+            chunks = list(reply.chunks)
+        else:
+            chunks = split_words(
+                reply.text if reply.text is not None else echo_answer(prompt.last_user)
+            )
+        # One chunk is one token: a real server stops at max_tokens.
+        if prompt.max_tokens is not None:
+            return chunks[: prompt.max_tokens]
+        return chunks
+
+    def _finish(self, prompt: _Prompt, reply: Reply) -> str:
+        """OpenAI's finish_reason for ``reply``: as scripted, else "length" when cut."""
+        if reply.finish is not None:
+            return reply.finish
+        if reply.chunks is not None:
+            total = len(reply.chunks)
+        else:
+            total = len(
+                split_words(reply.text if reply.text is not None else echo_answer(prompt.last_user))
+            )
+        cut = prompt.max_tokens is not None and total > prompt.max_tokens
+        return FINISH_LENGTH if cut else FINISH_STOP
 
     def _usage(self, prompt: _Prompt, reply: Reply, chunks: list[str]) -> tuple[int, int]:
         input_tokens = reply.input_tokens
@@ -483,7 +564,7 @@ class FakeLLMServer:
                             "index": 0,
                             "message": {"role": "assistant", "content": text, "refusal": None},
                             "logprobs": None,
-                            "finish_reason": "stop",
+                            "finish_reason": self._finish(prompt, reply),
                         }
                     ],
                     "usage": {
@@ -501,7 +582,7 @@ class FakeLLMServer:
                 "role": "assistant",
                 "model": prompt.model,
                 "content": [{"type": "text", "text": text}],
-                "stop_reason": "end_turn",
+                "stop_reason": _anthropic_stop_reason(self._finish(prompt, reply)),
                 "stop_sequence": None,
                 "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
             },
@@ -560,7 +641,7 @@ class FakeLLMServer:
             await self._send(response, _sse(chunk({"content": text})))
         if len(chunks) <= reply.after:
             await self._fault(request, response, prompt, reply)
-        await self._send(response, _sse(chunk({}, finish="stop")))
+        await self._send(response, _sse(chunk({}, finish=self._finish(prompt, reply))))
         if prompt.include_usage:
             final = chunk({})
             final["choices"] = []
@@ -628,7 +709,10 @@ class FakeLLMServer:
         )
         message_delta = {
             "type": "message_delta",
-            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "delta": {
+                "stop_reason": _anthropic_stop_reason(self._finish(prompt, reply)),
+                "stop_sequence": None,
+            },
             "usage": {"output_tokens": output_tokens},
         }
         await self._send(response, _sse(message_delta, event="message_delta"))
@@ -669,6 +753,8 @@ class FakeLLMServer:
         await response.write(data)
 
     def _error_response(self, api: Api, reply: Reply, model: str) -> web.Response:
+        if reply.kind == "context_overflow":
+            return self._overflow_response(api, reply)
         status = reply.status
         serial = next(self._ids)
         headers: dict[str, str] = {}
@@ -751,6 +837,50 @@ class FakeLLMServer:
             }
         return web.json_response(body, status=status, headers=headers)
 
+    def _overflow_response(self, api: Api, reply: Reply) -> web.Response:
+        """A context overflow as each server words it (see ``context_overflow``)."""
+        limit, requested = reply.limit or 0, reply.requested or 0
+        serial = next(self._ids)
+        if reply.style == "llama.cpp":
+            # llama-server's body, as a real one sent it (tests/core/test_real_model.py).
+            error: dict[str, Any] = {
+                "code": 400,
+                "message": (
+                    f"request ({requested} tokens) exceeds the available context size "
+                    f"({limit} tokens), try increasing it"
+                ),
+                "type": "exceed_context_size_error",
+                "n_prompt_tokens": requested,
+                "n_ctx": limit,
+            }
+            return web.json_response({"error": error}, status=400)
+        if api == "openai":
+            # platform.openai.com error codes: context_length_exceeded.
+            message = (
+                f"This model's maximum context length is {limit} tokens. However, your messages "
+                f"resulted in {requested} tokens. Please reduce the length of the messages."
+            )
+            body: dict[str, Any] = {
+                "error": {
+                    "message": message,
+                    "type": "invalid_request_error",
+                    "param": "messages",
+                    "code": "context_length_exceeded",
+                }
+            }
+            return web.json_response(
+                body, status=400, headers={"x-request-id": f"req_fake{serial}"}
+            )
+        body = {
+            "type": "error",
+            "error": {
+                "type": "invalid_request_error",
+                "message": f"prompt is too long: {requested} tokens > {limit} maximum",
+            },
+            "request_id": f"req_fake{serial}",
+        }
+        return web.json_response(body, status=400, headers={"request-id": f"req_fake{serial}"})
+
     # -- other endpoints ------------------------------------------------------------------
 
     async def _models(self, request: web.Request) -> web.Response:
@@ -817,6 +947,10 @@ class FakeLLMServer:
         return body
 
 
+def _anthropic_stop_reason(finish: str) -> str:
+    return _ANTHROPIC_STOP_REASONS.get(finish, finish)
+
+
 def _sse(data: dict[str, Any], event: str | None = None) -> bytes:
     return _sse_raw(json.dumps(data, separators=(",", ":")), event)
 
@@ -856,11 +990,15 @@ class LLMServerProcess:
 
     @classmethod
     @contextlib.contextmanager
-    def start(cls, *, api_key: str | None = None) -> Iterator[LLMServerProcess]:
+    def start(
+        cls, *, api_key: str | None = None, context_tokens: int | None = None
+    ) -> Iterator[LLMServerProcess]:
         """Start the server on a free port and wait for its ``listening on`` line."""
         command = [sys.executable, "-m", "tests.wire.llm_server", "--port", "0"]
         if api_key is not None:
             command += ["--api-key", api_key]
+        if context_tokens is not None:
+            command += ["--context-tokens", str(context_tokens)]
         root = Path(__file__).resolve().parents[2]
         process = subprocess.Popen(
             command,
@@ -923,12 +1061,12 @@ class LLMServerProcess:
             return json.loads(response.read())
 
 
-async def _serve(host: str, port: int, api_key: str | None) -> None:
+async def _serve(host: str, port: int, api_key: str | None, context_tokens: int | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    async with FakeLLMServer(host, port, api_key=api_key) as server:
+    async with FakeLLMServer(host, port, api_key=api_key, context_tokens=context_tokens) as server:
         print(f"listening on {server.url}", flush=True)
         await stop.wait()
 
@@ -941,8 +1079,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--api-key", default=None, help="require this key (else any key works)")
+    parser.add_argument(
+        "--context-tokens",
+        type=int,
+        default=None,
+        help="refuse prompts of more words than this with a context-overflow error",
+    )
     args = parser.parse_args(argv)
-    asyncio.run(_serve(args.host, args.port, args.api_key))
+    asyncio.run(_serve(args.host, args.port, args.api_key, args.context_tokens))
 
 
 if __name__ == "__main__":
