@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from core.config import HISTORY_STRATEGIES, Settings
 from core.conversation import ConversationKey
+from core.history import effective_history
 from core.store import Conversation, ConversationStore
 
 Action = Literal[
@@ -268,15 +269,9 @@ class CommandRunner:
             await self.store.update_channel_settings(
                 *where, history_strategy=None, max_history_messages=None, max_history_tokens=None
             )
-        channel = await self.store.channel_settings(*where)
-        strategy = channel.history_strategy or self.settings.history_strategy
-        described = _describe_history(
-            strategy,
-            channel.max_history_messages or self.settings.max_history_messages,
-            channel.max_history_tokens or self.settings.max_history_tokens,
-        )
-        own = channel.history_strategy is not None
-        source = "this channel's setting" if own else "the bot's default"
+        setting = effective_history(self.settings, await self.store.channel_settings(*where))
+        described = setting.describe()
+        source = "this channel's setting" if setting.own else "the bot's default"
         prefix = {"history_set": "Done. ", "history_clear": "Back to the default. "}.get(
             command.action, ""
         )
@@ -310,14 +305,6 @@ class CommandRunner:
             "This channel has no default system prompt of its own; new threads use the bot's "
             f"default:\n> {_quote(self.settings.system_prompt)}"
         )
-
-
-def _describe_history(strategy: str, messages: int, tokens: int) -> str:
-    if strategy == "count":
-        return f"the newest {messages} messages"
-    if strategy == "tokens":
-        return f"the newest messages that fit {tokens:,} tokens"
-    return f"a running summary of older messages plus the newest that fit {tokens:,} tokens"
 
 
 def _quote(text: str) -> str:

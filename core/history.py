@@ -562,8 +562,32 @@ class SummaryPolicy(TokenBudgetPolicy):
         )
 
 
-def policy_for(settings: Settings, channel: ChannelSettings | None = None) -> HistoryPolicy:
-    """The history policy for a conversation, from deployment settings and channel overrides."""
+@dataclass(frozen=True, slots=True)
+class HistorySetting:
+    """A channel's effective history setting: its own choices over the deployment's defaults.
+
+    ``own`` says whether the channel chose its strategy (else the deployment's applies).
+    """
+
+    strategy: str
+    max_messages: int
+    max_tokens: int
+    own: bool
+
+    def describe(self) -> str:
+        """What each request sends, in words."""
+        if self.strategy == "count":
+            return f"the newest {self.max_messages} messages"
+        if self.strategy == "tokens":
+            return f"the newest messages that fit {self.max_tokens:,} tokens"
+        return (
+            "a running summary of older messages plus the newest that fit "
+            f"{self.max_tokens:,} tokens"
+        )
+
+
+def effective_history(settings: Settings, channel: ChannelSettings | None = None) -> HistorySetting:
+    """The history setting in force in ``channel`` (the one home of that rule)."""
     channel = channel or ChannelSettings()
     strategy = channel.history_strategy or settings.history_strategy
     if strategy not in HISTORY_STRATEGIES:
@@ -574,11 +598,20 @@ def policy_for(settings: Settings, channel: ChannelSettings | None = None) -> Hi
             settings.history_strategy,
         )
         strategy = settings.history_strategy
+    return HistorySetting(
+        strategy,
+        channel.max_history_messages or settings.max_history_messages,
+        channel.max_history_tokens or settings.max_history_tokens,
+        own=channel.history_strategy is not None,
+    )
+
+
+def policy_for(settings: Settings, channel: ChannelSettings | None = None) -> HistoryPolicy:
+    """The history policy for a conversation, from deployment settings and channel overrides."""
+    setting = effective_history(settings, channel)
     counter = counter_for(settings)
-    if strategy == "count":
-        max_messages = channel.max_history_messages or settings.max_history_messages
-        return CountPolicy(max_messages, counter)
-    max_tokens = channel.max_history_tokens or settings.max_history_tokens
-    if strategy == "tokens":
-        return TokenBudgetPolicy(max_tokens, settings.reply_reserve_tokens, counter)
-    return SummaryPolicy(max_tokens, settings.reply_reserve_tokens, counter)
+    if setting.strategy == "count":
+        return CountPolicy(setting.max_messages, counter)
+    if setting.strategy == "tokens":
+        return TokenBudgetPolicy(setting.max_tokens, settings.reply_reserve_tokens, counter)
+    return SummaryPolicy(setting.max_tokens, settings.reply_reserve_tokens, counter)

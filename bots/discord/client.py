@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import discord
 import yarl
@@ -34,7 +34,10 @@ from core.commands import ChannelTarget, Command, HelpStyle, changes_channel, pa
 from core.config import Settings
 from core.conversation import ConversationKey
 from core.engine import ChatEngine
-from core.ratelimit import Budgets
+
+if TYPE_CHECKING:
+    # Only the type of an injected budgets object: pacing is the front door's job.
+    from core.ratelimit import Budgets
 
 log = logging.getLogger(__name__)
 

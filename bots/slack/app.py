@@ -25,7 +25,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -54,7 +54,10 @@ from core.config import Settings
 from core.conversation import ConversationKey
 from core.engine import ChatEngine
 from core.errors import ConfigError
-from core.ratelimit import Budgets
+
+if TYPE_CHECKING:
+    # Only the type of an injected budgets object: pacing is the front door's job.
+    from core.ratelimit import Budgets
 
 log = logging.getLogger(__name__)
 
