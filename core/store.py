@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
     BigInteger,
@@ -34,6 +34,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    or_,
     select,
     text,
     update,
@@ -107,6 +108,40 @@ class MessageRow(Base):
     # Which provider/model and system prompt produced an assistant message.
     model: Mapped[str | None] = mapped_column(String(200), nullable=True)
     prompt_variant: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # What became of it (``MessageStatus``; NULL: an ordinary message) and the provider's
+    # finish reason; the turn that wrote it.
+    status: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    finish_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    turn_id: Mapped[int | None] = mapped_column(BigId, nullable=True)
+
+
+class TurnRow(Base):
+    """One accepted question from intake to its outcome; see ``TurnRecord``."""
+
+    __tablename__ = "turns"
+    __table_args__ = (
+        Index("ix_turns_open", "status", "lease_until"),
+        Index("ix_turns_conversation", "conversation_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("conversations.id", ondelete="CASCADE")
+    )
+    platform: Mapped[str] = mapped_column(String(32))
+    event_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    user_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    question: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    reply_to: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reply_message_ids: Mapped[str | None] = mapped_column(Text, nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    takeovers: Mapped[int] = mapped_column(Integer, default=0)
+    finish_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
 class ChannelSettingsRow(Base):
@@ -169,6 +204,18 @@ class Conversation:
     summary_upto_id: int | None
 
 
+#: What became of a message (``messages.status``; None: an ordinary message). Questions of
+#: failed turns and replaced answers are never sent to the model again; stopped, cut and
+#: interrupted answers are, as the user saw them.
+MessageStatus = Literal["failed", "stopped", "cut", "interrupted", "replaced"]
+#: Statuses whose messages stay out of every history window.
+UNSENT_STATUSES = ("failed", "replaced")
+#: A turn's lifecycle: received -> answering -> answered | failed | stopped | interrupted.
+TurnStatus = Literal["received", "answering", "answered", "failed", "stopped", "interrupted"]
+#: Turns still to be finished (by their worker, or by a live one when its lease expired).
+OPEN_TURN_STATUSES = ("received", "answering")
+
+
 @dataclass(frozen=True, slots=True)
 class StoredMessage:
     """A stored message of a conversation."""
@@ -179,9 +226,35 @@ class StoredMessage:
     created_at: datetime
     input_tokens: int | None = None
     output_tokens: int | None = None
+    status: str | None = None
 
     def as_chat(self) -> ChatMessage:
         return ChatMessage(self.role, self.content)
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRecord:
+    """An accepted question as stored: where its answer goes and how far it got.
+
+    ``reply_to`` is the adapter's description of where the answer goes (opaque here, JSON text),
+    ``reply_message_ids`` the platform messages the reply has posted so far, so a worker taking
+    over a turn whose worker died can finish that reply. ``worker`` holds the turn until
+    ``lease_until``.
+    """
+
+    id: int
+    conversation_id: int
+    platform: str
+    event_key: str | None
+    user_id: str | None
+    question: str
+    status: str
+    reply_to: str | None
+    reply_message_ids: tuple[str, ...]
+    worker: str | None
+    lease_until: datetime | None
+    takeovers: int
+    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +287,33 @@ def _message(row: MessageRow) -> StoredMessage:
         created_at=row.created_at,
         input_tokens=row.input_tokens,
         output_tokens=row.output_tokens,
+        status=row.status,
     )
+
+
+def _turn(row: TurnRow) -> TurnRecord:
+    return TurnRecord(
+        id=row.id,
+        conversation_id=row.conversation_id,
+        platform=row.platform,
+        event_key=row.event_key,
+        user_id=row.user_id,
+        question=row.question,
+        status=row.status,
+        reply_to=row.reply_to,
+        reply_message_ids=tuple(filter(None, (row.reply_message_ids or "").split(","))),
+        worker=row.worker,
+        lease_until=_aware(row.lease_until),
+        takeovers=row.takeovers,
+        created_at=_aware(row.created_at) or row.created_at,
+    )
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands timestamps back without their zone; they were stored in UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
 
 
 def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -474,6 +573,9 @@ class ConversationStore:
         duration_ms: int | None = None,
         model: str | None = None,
         prompt_variant: str | None = None,
+        status: MessageStatus | None = None,
+        finish_reason: str | None = None,
+        turn_id: int | None = None,
     ) -> StoredMessage:
         """Add a message to the conversation's current generation."""
         now = _now()
@@ -497,6 +599,9 @@ class ConversationStore:
                         duration_ms=duration_ms,
                         model=model,
                         prompt_variant=prompt_variant,
+                        status=status,
+                        finish_reason=finish_reason,
+                        turn_id=turn_id,
                     )
                     .returning(MessageRow.id)
                 )
@@ -513,7 +618,15 @@ class ConversationStore:
             created_at=now,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
+            status=status,
         )
+
+    async def set_message_status(self, message_id: int, status: MessageStatus | None) -> None:
+        """Record what became of a message (a failed turn's question: ``"failed"``)."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(MessageRow).where(MessageRow.id == message_id).values(status=status)
+            )
 
     async def history(
         self, conversation: Conversation, *, limit: int | None, after_id: int | None = None
@@ -533,10 +646,12 @@ class ConversationStore:
                 MessageRow.created_at,
                 MessageRow.input_tokens,
                 MessageRow.output_tokens,
+                MessageRow.status,
             )
             .where(
                 MessageRow.conversation_id == conversation.id,
                 MessageRow.generation == _current_generation(conversation.id),
+                or_(MessageRow.status.is_(None), MessageRow.status.not_in(UNSENT_STATUSES)),
             )
             .order_by(MessageRow.id.desc())
         )
@@ -554,6 +669,7 @@ class ConversationStore:
                 created_at=row.created_at,
                 input_tokens=row.input_tokens,
                 output_tokens=row.output_tokens,
+                status=row.status,
             )
             for row in reversed(rows)
         ]
@@ -640,6 +756,117 @@ class ConversationStore:
                 delete(ProcessedEventRow).where(ProcessedEventRow.created_at < _now() - older_than)
             )
             return int(getattr(result, "rowcount", 0) or 0)
+
+    # -- turns ---------------------------------------------------------------------------------
+
+    async def open_turn(
+        self,
+        conversation_id: int,
+        *,
+        platform: str,
+        question: str,
+        worker: str,
+        lease_seconds: float,
+        event_key: str | None = None,
+        user_id: str | None = None,
+        reply_to: str | None = None,
+    ) -> TurnRecord:
+        """Record an accepted question (``received``), held by ``worker`` for ``lease_seconds``."""
+        now = _now()
+        async with self._sessions.begin() as session:
+            row = TurnRow(
+                conversation_id=conversation_id,
+                platform=platform,
+                event_key=event_key,
+                user_id=user_id,
+                question=question,
+                status="received",
+                reply_to=reply_to,
+                worker=worker,
+                lease_until=now + timedelta(seconds=lease_seconds),
+                takeovers=0,
+                created_at=now,
+                updated_at=now,
+            )
+            session.add(row)
+            await session.flush()
+            return _turn(row)
+
+    async def get_turn(self, turn_id: int) -> TurnRecord:
+        async with self._sessions() as session:
+            row = await session.get(TurnRow, turn_id)
+            if row is None:
+                raise LookupError(f"no turn {turn_id}")
+            return _turn(row)
+
+    async def update_turn(
+        self,
+        turn_id: int,
+        *,
+        status: TurnStatus | None = None,
+        reply_message_ids: Sequence[str] | None = None,
+        finish_reason: str | None = None,
+        note: str | None = None,
+    ) -> None:
+        """Record a turn's progress: its status, the messages its reply posted, its outcome."""
+        values: dict[str, Any] = {"updated_at": _now()}
+        if status is not None:
+            values["status"] = status
+            if status not in OPEN_TURN_STATUSES:
+                values["lease_until"] = None
+        if reply_message_ids is not None:
+            values["reply_message_ids"] = ",".join(reply_message_ids) or None
+        if finish_reason is not None:
+            values["finish_reason"] = finish_reason
+        if note is not None:
+            values["note"] = note
+        async with self.engine.begin() as conn:
+            await conn.execute(update(TurnRow).where(TurnRow.id == turn_id).values(**values))
+
+    async def renew_turn(self, turn_id: int, worker: str, lease_seconds: float) -> bool:
+        """Extend ``worker``'s lease on an open turn; False when the turn is no longer its own."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(TurnRow)
+                .where(
+                    TurnRow.id == turn_id,
+                    TurnRow.worker == worker,
+                    TurnRow.status.in_(OPEN_TURN_STATUSES),
+                )
+                .values(lease_until=_now() + timedelta(seconds=lease_seconds))
+            )
+        return bool(getattr(result, "rowcount", 0))
+
+    async def claim_stale_turns(
+        self, worker: str, *, lease_seconds: float, platform: str | None = None, limit: int = 20
+    ) -> list[TurnRecord]:
+        """Take over open turns whose lease expired (their worker died): each goes to exactly
+        one caller across processes (a compare-and-set on the lease), oldest first."""
+        now = _now()
+        expired = TurnRow.status.in_(OPEN_TURN_STATUSES) & (
+            TurnRow.lease_until.is_(None) | (TurnRow.lease_until < now)
+        )
+        query = select(TurnRow.id).where(expired).order_by(TurnRow.id).limit(limit)
+        if platform is not None:
+            query = query.where(TurnRow.platform == platform)
+        claimed: list[TurnRecord] = []
+        async with self._sessions() as session:
+            candidates = list(await session.scalars(query))
+        for turn_id in candidates:
+            async with self.engine.begin() as conn:
+                result = await conn.execute(
+                    update(TurnRow)
+                    .where(TurnRow.id == turn_id, expired)
+                    .values(
+                        worker=worker,
+                        lease_until=now + timedelta(seconds=lease_seconds),
+                        takeovers=TurnRow.takeovers + 1,
+                        updated_at=now,
+                    )
+                )
+            if getattr(result, "rowcount", 0):
+                claimed.append(await self.get_turn(turn_id))
+        return claimed
 
     # -- serialisation -------------------------------------------------------------------------
 

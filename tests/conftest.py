@@ -94,6 +94,7 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         from sqlalchemy import text
 
         for table in (
+            "turns",
             "messages",
             "conversations",
             "channel_settings",

@@ -207,3 +207,73 @@ async def test_the_sqlite_migration_lock_is_left_free_after_start(sqlite_url: st
     with open(lock, "rb+") as held:
         # Would raise BlockingIOError if open() had kept the lock.
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+# -- turns and message outcomes ---------------------------------------------------------------
+
+
+async def test_a_turn_is_recorded_then_its_progress_and_outcome(db: ConversationStore) -> None:
+    conversation, _ = await db.get_or_create(KEY)
+    turn = await db.open_turn(
+        conversation.id,
+        platform="slack",
+        question="why?",
+        worker="w1",
+        lease_seconds=30,
+        event_key="C1:1.0",
+        user_id="U1",
+        reply_to='{"channel": "C1"}',
+    )
+    assert (turn.status, turn.worker, turn.reply_message_ids) == ("received", "w1", ())
+    assert turn.lease_until is not None and turn.lease_until > datetime.now(UTC)
+    await db.update_turn(turn.id, status="answering", reply_message_ids=["C1:2.0", "C1:3.0"])
+    assert await db.renew_turn(turn.id, "w1", 30)
+    assert not await db.renew_turn(turn.id, "w2", 30)  # not its turn
+    await db.update_turn(turn.id, status="answered", finish_reason="stop")
+    done = await db.get_turn(turn.id)
+    assert (done.status, done.reply_message_ids, done.lease_until) == (
+        "answered",
+        ("C1:2.0", "C1:3.0"),
+        None,
+    )
+    assert not await db.renew_turn(turn.id, "w1", 30)  # closed turns hold no lease
+
+
+async def test_an_expired_turn_is_taken_over_by_exactly_one_worker(database_url: str) -> None:
+    first = await ConversationStore.open(database_url)
+    second = await ConversationStore.open(database_url)
+    try:
+        conversation, _ = await first.get_or_create(KEY)
+        dead = await first.open_turn(
+            conversation.id, platform="slack", question="q", worker="dead", lease_seconds=-1
+        )
+        alive = await first.open_turn(
+            conversation.id, platform="slack", question="q", worker="w0", lease_seconds=60
+        )
+        claims = await asyncio.gather(
+            *(
+                store.claim_stale_turns(f"w{n}", lease_seconds=60)
+                for n, store in enumerate((first, second, first, second))
+            )
+        )
+        claimed = [turn for batch in claims for turn in batch]
+        assert [turn.id for turn in claimed] == [dead.id]
+        assert claimed[0].takeovers == 1 and claimed[0].worker != "dead"
+        assert all(turn.id != alive.id for turn in claimed)
+        assert await first.claim_stale_turns("w9", lease_seconds=60) == []
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_failed_questions_and_replaced_answers_leave_the_history(
+    db: ConversationStore,
+) -> None:
+    conversation, _ = await db.get_or_create(KEY)
+    asked = await db.append(conversation, "user", "a question that failed")
+    await db.set_message_status(asked.id, "failed")
+    await db.append(conversation, "user", "hello")
+    await db.append(conversation, "assistant", "Hel", status="stopped", finish_reason=None)
+    await db.append(conversation, "assistant", "old answer", status="replaced")
+    window = await db.history(conversation, limit=None)
+    assert [(m.content, m.status) for m in window] == [("hello", None), ("Hel", "stopped")]
