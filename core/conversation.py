@@ -77,6 +77,9 @@ class IncomingMessage:
     thread_context: tuple[ChatMessage, ...] = field(default_factory=tuple)
     # Commands typed as words (``@bot reset``) are recognised only where the adapter allows it.
     allow_commands: bool = True
+    # The durable record of this question (``ConversationStore.open_turn``), when the front door
+    # recorded one at intake: the engine stores the turn's progress and outcome on it.
+    turn_id: int | None = None
 
 
 def alternating(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
