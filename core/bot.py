@@ -15,6 +15,12 @@ platform command becomes a ``Command`` with its target. Everything between lives
 - **Commands** (``FrontDoor.command``): answered within the platform's acknowledgement window
   when they are quick, acknowledged first and answered later when they are not; one apology.
 - **Thread context** (``seed_context``): one speaker-label convention.
+- **Durable turns**: ``admit`` records an accepted question (with the dedupe of its platform
+  event, in one transaction) before the adapter acknowledges it, so a database that cannot be
+  reached answers "try again" (Slack: 503, and Slack redelivers) instead of losing it; where the
+  platform never redelivers, ``receive`` retries the intake and tells the person when it
+  cannot. A worker holds a lease on each turn it answers; ``recover`` takes over turns whose
+  worker died and finishes their replies in place (or marks one too old with a note).
 
 What differs between platforms is a small ``PlatformProfile`` the adapter supplies. A new
 platform is a surface, a translator and a profile; nothing here changes.
@@ -24,19 +30,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
+import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from core.commands import ChannelTarget, Command, HelpStyle
 from core.config import Settings
 from core.conversation import ChatMessage, ConversationKey, IncomingMessage
 from core.engine import ChatEngine, TurnResult
-from core.errors import ThreadbotError
+from core.errors import StoreUnavailableError, ThreadbotError
 from core.limiters import budgets_for
 from core.ratelimit import Budgets
 from core.reply import ReplySurface
+from core.store import TurnRecord, database_errors
 from core.streaming import (
     EMPTY_ANSWER_TEXT,
     RETRACTED_TEXT,
@@ -58,6 +69,23 @@ COMMAND_FAILED = "Sorry, that command failed on my side. Please try again in a m
 SHUTDOWN_WAIT_SECONDS = 10.0
 #: The streamer's own texts: never part of a thread's context.
 STREAMER_TEXTS = frozenset({THINKING_TEXT, EMPTY_ANSWER_TEXT, RETRACTED_TEXT})
+
+#: What a question gets when its intake could not be recorded (platforms that never redeliver).
+INTAKE_FAILED_NOTE = (
+    "_I couldn't take this question: my database is not answering. Please ask again in a minute._"
+)
+#: What a reply left unfinished by a worker that died shows when it is too old to redo.
+INTERRUPTED_NOTE = (
+    "_This answer was interrupted when the bot restarted, and it is too late to finish it. "
+    "Please ask again._"
+)
+#: Attempts to record a question where the platform never redelivers, and the first wait.
+INTAKE_ATTEMPTS = 4
+INTAKE_RETRY_BASE_SECONDS = 0.5
+#: A turn left unfinished by a dead worker older than this is marked, not answered again.
+RECOVERY_MAX_AGE = timedelta(minutes=10)
+#: Takeovers of one turn before it counts as failing for good (each worker died on it).
+MAX_TAKEOVERS = 3
 
 NativeMode = Literal["auto", "always", "never"]
 
@@ -174,6 +202,34 @@ class Arrival(Protocol):
     async def reply(self, route: Route) -> ReplySurface: ...
 
 
+@runtime_checkable
+class PlacedSurface(Protocol):
+    """A surface that can say where its reply goes (``place``, text such as JSON), so that a
+    worker taking over the turn can reopen it there (``PlatformProfile``'s adapter ``reopen``)."""
+
+    @property
+    def place(self) -> str: ...
+
+
+#: Rebuilds the surface of a reply from its ``place`` (None: it cannot be reached any more).
+Reopen = Callable[[str], Awaitable[ReplySurface | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A message the front door accepted and recorded: what its turn needs to run."""
+
+    arrival: Arrival
+    route: Route
+    question: str
+    turn_id: int
+
+
+def worker_name() -> str:
+    """This process's name on the turns it holds: host, pid and a random tag."""
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
 class FrontDoor:
     """Routing, turns, commands and shutdown for one platform (see the module docstring).
 
@@ -188,13 +244,19 @@ class FrontDoor:
         profile: PlatformProfile,
         *,
         budgets: Budgets | None = None,
+        reopen: Reopen | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.profile = profile
         self.budgets = budgets or budgets_for(settings, engine.store)
+        self.reopen = reopen
+        self.worker = worker_name()
+        self._sleep = sleep
         engine.commands.help_styles[profile.name] = profile.help
         self.accepting = True
+        self._recovery: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         # Native streams in progress, and scopes that refused them (``native_mode`` auto).
         self._native_in_flight: Counter[str] = Counter()
@@ -202,51 +264,225 @@ class FrontDoor:
 
     # -- messages --------------------------------------------------------------------------
 
+    async def admit(self, arrival: Arrival) -> Admission | None:
+        """Route ``arrival`` and, when it is to be answered, record its turn durably.
+
+        None when the bot stays silent or the message was already taken (a redelivery). Raises
+        ``StoreUnavailableError`` when the database cannot be reached: the adapter then asks the
+        platform to deliver again (Slack: 503) or retries (``receive``).
+        """
+        facts, key = arrival.facts, arrival.key
+        with database_errors():
+            known = False
+            if facts.in_thread and not facts.direct:
+                known = await self.engine.knows(key)
+            decision = route(facts, known=known, require_mention=self.settings.require_mention)
+            if not decision.answer:
+                log.debug("%s message %s: not addressed", self.profile.name, arrival.message_id)
+                return None
+            question = await arrival.question()
+            conversation, _ = await self.engine.store.get_or_create(key)
+            event_key = (
+                None if arrival.message_id is None else f"{key.workspace}:{arrival.message_id}"
+            )
+            turn = await self.engine.store.open_turn(
+                conversation.id,
+                platform=key.platform,
+                question=question,
+                worker=self.worker,
+                lease_seconds=self.settings.turn_lease_seconds,
+                event_key=event_key,
+                user_id=arrival.user_id,
+                claim=event_key is not None,
+            )
+        if turn is None:
+            log.info("dropped a second delivery of %s message %s", key.platform, arrival.message_id)
+            return None
+        return Admission(arrival, decision, question, turn.id)
+
+    def start(self, admission: Admission) -> asyncio.Task[TurnResult]:
+        """Run an admitted turn in a task kept until it ends (``drain``, ``close``)."""
+        return self.spawn(
+            self._run(admission), name=f"{self.profile.name} turn {admission.turn_id}"
+        )
+
     def receive(self, arrival: Arrival) -> asyncio.Task[TurnResult | None] | None:
-        """Take one message; its turn runs in a task kept until it ends (None: shutting down)."""
+        """Take one message from a platform that never redelivers (None: shutting down).
+
+        The intake is retried while the database is unreachable; when it cannot be recorded,
+        a person who addressed the bot is told so in the thread.
+        """
         if not self.accepting:
             return None
         return self.spawn(self._receive(arrival), name=f"{self.profile.name} turn {arrival.key}")
 
     async def _receive(self, arrival: Arrival) -> TurnResult | None:
-        facts = arrival.facts
-        known = False
-        if facts.in_thread and not facts.direct:
-            known = await self.engine.knows(arrival.key)
-        decision = route(facts, known=known, require_mention=self.settings.require_mention)
-        if not decision.answer:
-            return None
+        for attempt in range(INTAKE_ATTEMPTS):
+            try:
+                admission = await self.admit(arrival)
+            except StoreUnavailableError as error:
+                log.warning(
+                    "%s message %s: intake failed (%s), attempt %d of %d; check DATABASE_URL",
+                    self.profile.name, arrival.message_id, error, attempt + 1, INTAKE_ATTEMPTS,
+                )  # fmt: skip
+                if attempt + 1 < INTAKE_ATTEMPTS:
+                    await self._sleep(INTAKE_RETRY_BASE_SECONDS * 2**attempt)
+                continue
+            return None if admission is None else await self._run(admission)
+        if arrival.facts.direct or arrival.facts.mentioned:
+            surface = await arrival.reply(Route(True))
+            await self.answer_without_store(surface, INTAKE_FAILED_NOTE)
+        return None
+
+    async def _run(self, admission: Admission) -> TurnResult:
+        arrival, decision = admission.arrival, admission.route
         context = seed_context(await arrival.thread()) if decision.seed else ()
         incoming = IncomingMessage(
             arrival.key,
-            await arrival.question(),
+            admission.question,
             arrival.user_id,
             arrival.message_id,
             thread_context=context,
             allow_commands=decision.commands,
+            turn_id=admission.turn_id,
         )
         result = await self.answer(incoming, await arrival.reply(decision))
         log.info("%s message %s: %s", self.profile.name, arrival.message_id, result.status)
         return result
 
-    async def answer(self, incoming: IncomingMessage, surface: ReplySurface) -> TurnResult:
-        """Answer ``incoming`` into ``surface``: the streamer, its budgets, native admission."""
-        scope = self._native_scope(surface)
+    async def answer_without_store(self, surface: ReplySurface, text: str) -> None:
+        """Post ``text`` through the streamer alone (the database is out of reach)."""
+        streamer = ReplyStreamer(surface, self.budgets, log_context=self.profile.name)
+        await streamer.begin()
+        streamer.write(text)
+        await streamer.finish()
+
+    async def answer(
+        self, incoming: IncomingMessage, surface: ReplySurface, *, resume: Sequence[str] = ()
+    ) -> TurnResult:
+        """Answer ``incoming`` into ``surface``: the streamer, its budgets, native admission.
+
+        With a recorded turn, where the reply goes and what it has posted are recorded as it
+        goes, and the turn's lease is renewed until it ends. ``resume``: messages of a reply
+        taken over from a worker that died, edited in place.
+        """
+        turn_id = incoming.turn_id
+        scope = None if resume else self._native_scope(surface)
         streamer = ReplyStreamer(
             surface,
             self.budgets,
             native=self.profile.native if scope is not None else None,
             on_native_refused=self._native_refused_by,
+            on_posted=None if turn_id is None else self._recorder(turn_id),
+            resume=resume,
             typing_refresh=self.profile.typing_refresh,
             log_context=str(incoming.key),
         )
+        if turn_id is not None and isinstance(surface, PlacedSurface):
+            self._in_background(self.engine.store.update_turn(turn_id, reply_to=surface.place))
+        lease = None if turn_id is None else asyncio.create_task(self._hold_lease(turn_id))
         if scope is not None:
             self._native_in_flight[scope] += 1
         try:
             return await self.engine.handle(incoming, streamer)
         finally:
+            if lease is not None:
+                lease.cancel()
             if scope is not None:
                 self._native_in_flight[scope] -= 1
+
+    def _recorder(self, turn_id: int) -> Callable[[list[str]], None]:
+        def posted(message_ids: list[str]) -> None:
+            update = self.engine.store.update_turn(turn_id, reply_message_ids=message_ids)
+            self._in_background(update)
+
+        return posted
+
+    async def _hold_lease(self, turn_id: int) -> None:
+        """Renew this worker's lease on a turn while it runs (a third of the lease each time)."""
+        period = self.settings.turn_lease_seconds / 3
+        while True:
+            await asyncio.sleep(period)
+            try:
+                with database_errors():
+                    await self.engine.store.renew_turn(
+                        turn_id, self.worker, self.settings.turn_lease_seconds
+                    )
+            except StoreUnavailableError as error:
+                log.warning("turn %s: lease not renewed (%s)", turn_id, error)
+
+    def _in_background(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        """Best-effort bookkeeping that must not hold up a reply; failures are logged."""
+
+        async def guarded() -> None:
+            try:
+                await coroutine
+            except Exception as error:
+                log.warning("turn bookkeeping failed: %s", error)
+
+        self.spawn(guarded(), name="turn bookkeeping")
+
+    # -- recovery --------------------------------------------------------------------------
+
+    def start_recovery(self) -> None:
+        """Take over dead workers' turns now and every half lease from now on."""
+        if self._recovery is None:
+            self._recovery = asyncio.create_task(self._recover_forever(), name="turn recovery")
+
+    async def _recover_forever(self) -> None:
+        while self.accepting:
+            try:
+                await self.recover()
+            except StoreUnavailableError as error:
+                log.warning("turn recovery skipped: %s", error)
+            except Exception:
+                log.exception("turn recovery failed")
+            await asyncio.sleep(self.settings.turn_lease_seconds / 2)
+
+    async def recover(self) -> int:
+        """Take over this platform's turns whose worker died (lease expired); each is finished
+        in place in a task, or marked when too old. Returns how many were taken."""
+        with database_errors():
+            turns = await self.engine.store.claim_stale_turns(
+                self.worker,
+                lease_seconds=self.settings.turn_lease_seconds,
+                platform=self.profile.name,
+            )
+        for turn in turns:
+            log.info(
+                "taking over turn %s of conversation %s (worker %s died)",
+                turn.id, turn.conversation_id, turn.worker,
+            )  # fmt: skip
+            self.spawn(self._finish_taken_over(turn), name=f"recovered turn {turn.id}")
+        return len(turns)
+
+    async def _finish_taken_over(self, turn: TurnRecord) -> None:
+        store = self.engine.store
+        surface = None
+        if self.reopen is not None and turn.reply_to:
+            surface = await self.reopen(turn.reply_to)
+        too_old = datetime.now(UTC) - turn.created_at > RECOVERY_MAX_AGE
+        if surface is None or too_old or turn.takeovers > MAX_TAKEOVERS:
+            if surface is not None and turn.reply_message_ids:
+                streamer = ReplyStreamer(surface, self.budgets, resume=turn.reply_message_ids)
+                await streamer.begin()
+                await streamer.cancel(INTERRUPTED_NOTE)
+            await store.update_turn(turn.id, status="interrupted", note=INTERRUPTED_NOTE)
+            log.info("turn %s: marked interrupted (too old or unreachable)", turn.id)
+            return
+        conversation = await store.get(turn.conversation_id)
+        incoming = IncomingMessage(
+            conversation.key, turn.question, turn.user_id or "", None, turn_id=turn.id
+        )
+        result = await self.answer(incoming, surface, resume=turn.reply_message_ids)
+        log.info("turn %s: taken over and %s", turn.id, result.status)
+
+    async def health(self) -> str | None:
+        """None when this front door can take work, else why not (for health checks)."""
+        if not self.accepting:
+            return "shutting down"
+        problem = await self.engine.store.ping()
+        return None if problem is None else f"database unreachable ({problem})"
 
     def _native_scope(self, surface: ReplySurface) -> str | None:
         """The scope this reply streams natively in, or None for the edit path.
@@ -342,6 +578,8 @@ class FrontDoor:
     async def close(self, note: str = SHUTDOWN_NOTE) -> None:
         """Take no more work; end every reply in progress with ``note`` and wait for them."""
         self.accepting = False
+        if self._recovery is not None:
+            self._recovery.cancel()
         await self.engine.cancel_all(note)
         for task in list(self._tasks):
             task.cancel()

@@ -61,6 +61,9 @@ class Settings:
     llm_timeout: float = 60.0
     # Offline provider: seconds between streamed words (0 streams at full speed).
     offline_delay: float = 0.02
+    # Seconds a worker holds a turn it answers; a turn whose worker died is taken over once its
+    # lease expires (renewed every third of it while the answer runs).
+    turn_lease_seconds: float = 30.0
     require_mention: bool = False
     slack_bot_token: str | None = None
     slack_signing_secret: str | None = None
@@ -145,6 +148,15 @@ class Settings:
                 )
             return value
 
+        def get_lease() -> float:
+            lease = get_float("TURN_LEASE_SECONDS", 30.0)
+            if lease < 1:
+                raise ConfigError(
+                    f"TURN_LEASE_SECONDS must be at least 1, not {lease:g}",
+                    setting="TURN_LEASE_SECONDS",
+                )
+            return lease
+
         anthropic_key = get("ANTHROPIC_API_KEY")
         openai_key = get("OPENAI_API_KEY")
         openai_url = get("OPENAI_BASE_URL")
@@ -175,6 +187,7 @@ class Settings:
             max_input_chars=get_int("MAX_INPUT_CHARS", 40_000, minimum=1),
             llm_timeout=get_float("LLM_TIMEOUT", 60.0),
             offline_delay=get_float("OFFLINE_DELAY", 0.02),
+            turn_lease_seconds=get_lease(),
             require_mention=get_bool("REQUIRE_MENTION", False),
             slack_bot_token=get("SLACK_BOT_TOKEN"),
             slack_signing_secret=get("SLACK_SIGNING_SECRET"),

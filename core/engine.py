@@ -39,6 +39,7 @@ from core.providers.base import Provider
 from core.reply import ReplySink
 from core.retry import RetryPolicy
 from core.store import Conversation, ConversationStore
+from core.store import TurnStatus as RecordStatus
 
 log = logging.getLogger(__name__)
 
@@ -143,16 +144,35 @@ class ChatEngine:
         self._key_waiters[key] = self._key_waiters.get(key, 0) + 1
         try:
             async with lock:
-                return await self._handle_locked(incoming, reply)
+                result = await self._handle_locked(incoming, reply)
+        except asyncio.CancelledError:
+            if incoming.turn_id is not None:
+                # A reset stops the turn; a shutdown interrupts it (another worker may finish it
+                # only if it is still open: this records that it ended here).
+                await asyncio.shield(self._record_outcome(incoming.turn_id, "interrupted"))
+            raise
         finally:
             self._key_waiters[key] -= 1
             if not self._key_waiters[key]:
                 del self._key_waiters[key]
                 del self._key_locks[key]
+        if incoming.turn_id is not None and result.status != "duplicate":
+            status: RecordStatus = "failed" if result.status == "failed" else "answered"
+            await self._record_outcome(incoming.turn_id, status)
+        return result
+
+    async def _record_outcome(self, turn_id: int, status: RecordStatus) -> None:
+        try:
+            await self.store.update_turn(turn_id, status=status)
+        except Exception as error:
+            # The answer is out; a turn left open is finished again by recovery at worst.
+            log.error("turn %s: its outcome (%s) could not be recorded: %s", turn_id, status, error)
 
     async def _handle_locked(self, incoming: IncomingMessage, reply: ReplySink) -> TurnResult:
         key = incoming.key
-        if incoming.message_id is not None and not await self.store.claim_event(
+        # A recorded turn's event was claimed at intake, with the record (core.bot.admit).
+        claim = incoming.message_id is not None and incoming.turn_id is None
+        if claim and not await self.store.claim_event(
             key.platform, f"{key.workspace}:{incoming.message_id}"
         ):
             log.info(
@@ -212,13 +232,21 @@ class ChatEngine:
         key = conversation.key
         channel = await self.store.channel_settings(key.platform, key.workspace, key.channel)
         system, variant = system_prompt_for(self.settings, conversation, channel.system_prompt)
-        await self.store.append(
-            conversation,
-            "user",
-            text,
-            user_id=incoming.user_id,
-            platform_message_ids=[incoming.message_id] if incoming.message_id else (),
+        stored = (
+            set() if incoming.turn_id is None else await self.store.turn_messages(incoming.turn_id)
         )
+        if "user" not in stored:
+            # A turn taken over from a worker that died may have stored its question already.
+            await self.store.append(
+                conversation,
+                "user",
+                text,
+                user_id=incoming.user_id,
+                platform_message_ids=[incoming.message_id] if incoming.message_id else (),
+                turn_id=incoming.turn_id,
+            )
+        if incoming.turn_id is not None:
+            await self.store.update_turn(incoming.turn_id, status="answering")
         policy = policy_for(self.settings, channel)
         window = await policy.load(self.store, conversation, system=system)
 
@@ -290,6 +318,7 @@ class ChatEngine:
             duration_ms=round((finished - started) * 1000),
             model=self.provider.label[:200],
             prompt_variant=variant,
+            turn_id=incoming.turn_id,
         )
         self._in_background(policy.after_turn(self.store, conversation, self.provider))
         return TurnResult("answered", answer, message_ids, conversation.id)

@@ -15,6 +15,7 @@ engine and the adapters only ever reason about this tree::
     │   ├── SurfaceRateLimited        the platform answered 429; pause the scope for retry_after
     │   ├── TransientSurfaceError     5xx, timeout, connection reset: the call may be tried again
     │   └── PermanentSurfaceError     not allowed, message gone, ...: trying again will not help
+    ├── StoreUnavailableError         the database cannot be reached right now: try again later
     └── InputError                    the user's message cannot be answered as sent
 """
 
@@ -114,3 +115,8 @@ class PermanentSurfaceError(SurfaceError):
 
 class InputError(ThreadbotError):
     """The user's message cannot be answered as sent; the message is shown to the user."""
+
+
+class StoreUnavailableError(ThreadbotError):
+    """The database could not be reached (connection refused or lost, timeout): a blip the
+    caller may wait out, answering 503 where the platform redelivers."""

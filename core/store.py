@@ -13,8 +13,8 @@ import fcntl
 import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,12 +40,20 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, InvalidRequestError, NoSuchModuleError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    InvalidRequestError,
+    NoSuchModuleError,
+    OperationalError,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from core.conversation import ChatMessage, ConversationKey, Role
-from core.errors import ConfigError
+from core.errors import ConfigError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,15 @@ BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+#: Seconds to open a PostgreSQL connection (or wait for one from the pool) before the database
+#: counts as unreachable.
+POSTGRES_CONNECT_TIMEOUT_SECONDS = 5.0
+#: Seconds a health check waits for the database.
+PING_TIMEOUT_SECONDS = 2.0
+#: SQLite serves one process per platform: the bot holds ``<database>.<platform>.lock``.
+PLATFORM_LOCK_SUFFIX = ".{platform}.lock"
 
 
 class Base(DeclarativeBase):
@@ -368,6 +385,8 @@ class ConversationStore:
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        # Lock files held for this process (``hold_platform``), released by ``close``.
+        self._held: list[int] = []
 
     @classmethod
     async def open(cls, url: str, *, migrate: bool = True) -> ConversationStore:
@@ -380,8 +399,16 @@ class ConversationStore:
             ) from error
         kwargs: dict[str, Any] = {}
         if parsed.get_backend_name() == "postgresql":
-            # A turn holds one connection for its advisory lock; leave room for the rest.
-            kwargs.update(pool_size=20, max_overflow=20, pool_pre_ping=True)
+            # A turn holds one connection for its advisory lock; leave room for the rest. An
+            # unreachable server fails a connection in seconds, not asyncpg's default minute:
+            # intake must answer the platform within its window.
+            kwargs.update(
+                pool_size=20,
+                max_overflow=20,
+                pool_pre_ping=True,
+                pool_timeout=POSTGRES_CONNECT_TIMEOUT_SECONDS,
+                connect_args={"timeout": POSTGRES_CONNECT_TIMEOUT_SECONDS},
+            )
         elif parsed.get_backend_name() == "sqlite" and parsed.database not in (
             None,
             "",
@@ -438,6 +465,9 @@ class ConversationStore:
             await conn.run_sync(_upgrade)
 
     async def close(self) -> None:
+        for descriptor in self._held:
+            os.close(descriptor)
+        self._held.clear()
         await self.engine.dispose()
 
     # -- conversations -------------------------------------------------------------------------
@@ -464,6 +494,9 @@ class ConversationStore:
         """
         found = await self.find(key)
         if found is not None:
+            if seed and not await self.count_messages(found, all_generations=True):
+                # Created at intake, before the thread's earlier messages were read.
+                await self._add_seed(found.id, seed)
             return found, False
         try:
             async with self._sessions.begin() as session:
@@ -492,6 +525,18 @@ class ConversationStore:
             if found is None:
                 raise
             return found, False
+
+    async def _add_seed(self, conversation_id: int, seed: Sequence[ChatMessage]) -> None:
+        async with self._sessions.begin() as session:
+            for message in seed:
+                session.add(
+                    MessageRow(
+                        conversation_id=conversation_id,
+                        generation=0,
+                        role=message.role,
+                        content=message.content,
+                    )
+                )
 
     async def reset(self, conversation_id: int) -> None:
         """Start the conversation over; earlier messages stay stored but are no longer sent."""
@@ -770,20 +815,63 @@ class ConversationStore:
         event_key: str | None = None,
         user_id: str | None = None,
         reply_to: str | None = None,
+        claim: bool = False,
+    ) -> TurnRecord | None:
+        """Record an accepted question (``received``), held by ``worker`` for ``lease_seconds``.
+
+        With ``claim``, ``event_key`` is also recorded as processed in the same transaction
+        (see ``claim_event``): None, and nothing recorded, when it already was (a redelivery).
+        Either both are stored or neither, so a blip between them cannot lose the question.
+        """
+        now = _now()
+        try:
+            return await self._open_turn(
+                conversation_id,
+                platform=platform,
+                question=question,
+                worker=worker,
+                lease_until=now + timedelta(seconds=lease_seconds),
+                event_key=event_key,
+                user_id=user_id,
+                reply_to=reply_to,
+                claim=claim,
+            )
+        except IntegrityError:
+            if not claim:
+                raise
+            return None
+
+    async def _open_turn(
+        self,
+        conversation_id: int,
+        *,
+        platform: str,
+        question: str,
+        worker: str,
+        lease_until: datetime,
+        event_key: str | None,
+        user_id: str | None,
+        reply_to: str | None,
+        claim: bool,
     ) -> TurnRecord:
-        """Record an accepted question (``received``), held by ``worker`` for ``lease_seconds``."""
         now = _now()
         async with self._sessions.begin() as session:
+            if claim:
+                assert event_key is not None, "claiming needs the event's key"
+                session.add(
+                    ProcessedEventRow(platform=platform, event_key=event_key[:255], created_at=now)
+                )
+                await session.flush()
             row = TurnRow(
                 conversation_id=conversation_id,
                 platform=platform,
-                event_key=event_key,
+                event_key=event_key[:255] if event_key else None,
                 user_id=user_id,
                 question=question,
                 status="received",
                 reply_to=reply_to,
                 worker=worker,
-                lease_until=now + timedelta(seconds=lease_seconds),
+                lease_until=lease_until,
                 takeovers=0,
                 created_at=now,
                 updated_at=now,
@@ -791,6 +879,14 @@ class ConversationStore:
             session.add(row)
             await session.flush()
             return _turn(row)
+
+    async def turn_messages(self, turn_id: int) -> set[str]:
+        """The roles of the messages a turn has stored so far (a taken-over turn goes on)."""
+        async with self._sessions() as session:
+            roles = await session.scalars(
+                select(MessageRow.role).where(MessageRow.turn_id == turn_id).distinct()
+            )
+            return set(roles)
 
     async def get_turn(self, turn_id: int) -> TurnRecord:
         async with self._sessions() as session:
@@ -807,9 +903,12 @@ class ConversationStore:
         reply_message_ids: Sequence[str] | None = None,
         finish_reason: str | None = None,
         note: str | None = None,
+        reply_to: str | None = None,
     ) -> None:
-        """Record a turn's progress: its status, the messages its reply posted, its outcome."""
+        """Record a turn's progress: its status, where and what its reply posted, its outcome."""
         values: dict[str, Any] = {"updated_at": _now()}
+        if reply_to is not None:
+            values["reply_to"] = reply_to
         if status is not None:
             values["status"] = status
             if status not in OPEN_TURN_STATUSES:
@@ -867,6 +966,41 @@ class ConversationStore:
             if getattr(result, "rowcount", 0):
                 claimed.append(await self.get_turn(turn_id))
         return claimed
+
+    # -- health ----------------------------------------------------------------------------------
+
+    async def ping(self) -> str | None:
+        """None when the database answers within ``PING_TIMEOUT_SECONDS``, else why not."""
+        try:
+            async with asyncio.timeout(PING_TIMEOUT_SECONDS), self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception as error:
+            return f"{type(error).__name__}: {error}".splitlines()[0][:200] or "no answer"
+        return None
+
+    def hold_platform(self, platform: str) -> None:
+        """On SQLite, be the only process serving ``platform`` on this file, until ``close``.
+
+        SQLite has no cross-process lock to order the turns of a conversation, so a second bot
+        process on the same file and platform is refused (ConfigError) rather than answering
+        out of order. PostgreSQL needs no such lock (advisory locks order turns).
+        """
+        database = self.engine.url.database
+        if self.is_postgres or not database or database == ":memory:":
+            return
+        path = database + PLATFORM_LOCK_SUFFIX.format(platform=platform)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise ConfigError(
+                f"another threadbot {platform} process is already serving {database}: SQLite "
+                "serves one process, so stop the other one, or point every worker at one "
+                "PostgreSQL database (DATABASE_URL=postgresql://...)",
+                setting="DATABASE_URL",
+            ) from None
+        self._held.append(descriptor)
 
     # -- serialisation -------------------------------------------------------------------------
 
@@ -1004,3 +1138,25 @@ def _advisory_key(conversation_id: int) -> int:
     # A 64-bit signed key in a namespace of our own, so other users of advisory locks don't clash.
     digest = hashlib.blake2b(f"threadbot:conversation:{conversation_id}".encode(), digest_size=8)
     return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+#: Errors that mean "the database cannot be reached right now" rather than a bug in a statement.
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError,
+    InterfaceError,
+    OSError,
+    TimeoutError,
+)
+
+
+@contextmanager
+def database_errors() -> Iterator[None]:
+    """Translate "the database is unreachable" into ``StoreUnavailableError`` (ours from theirs)."""
+    try:
+        yield
+    except UNAVAILABLE_ERRORS as error:
+        raise StoreUnavailableError(f"database unreachable: {error}".splitlines()[0]) from error
+    except DBAPIError as error:
+        if error.connection_invalidated:
+            raise StoreUnavailableError(f"database connection lost: {error.orig}") from error
+        raise

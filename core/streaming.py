@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -112,6 +112,8 @@ CALL_RETRY_CAP = 5.0
 TYPING_REFRESH_SECONDS = 8.0
 
 _STREAMING, _FINISHED, _FAILED, _CANCELLED = "streaming", "finished", "failed", "cancelled"
+#: What a resumed message is taken to show: never equal to a target, so it is edited.
+_UNKNOWN = "\x00unknown"
 
 
 @dataclass(slots=True)
@@ -162,6 +164,8 @@ class ReplyStreamer:
         log_context: str = "",
         native: NativeStreams | None = None,
         on_native_refused: Callable[[str], None] | None = None,
+        on_posted: Callable[[list[str]], None] | None = None,
+        resume: Sequence[str] = (),
         typing_refresh: float = TYPING_REFRESH_SECONDS,
         indicator: str = STREAMING_INDICATOR,
         thinking_text: str = THINKING_TEXT,
@@ -181,6 +185,7 @@ class ReplyStreamer:
         )
         self._native = native
         self._on_native_refused = on_native_refused
+        self._on_posted = on_posted
         self._typing_refresh = typing_refresh
         self._budgets = budgets
         self._now = now
@@ -202,7 +207,11 @@ class ReplyStreamer:
         self._notice: str | None = None
         self._note: str | None = None
         self._phase = _STREAMING
-        self._messages: list[_Message] = []
+        # A reply taken over from a worker that died: its messages are edited, not posted anew
+        # (what they show is unknown, so the first plan replaces it).
+        self._messages: list[_Message] = [
+            _Message(message_id, _UNKNOWN, False, now()) for message_id in resume
+        ]
         self._wake = asyncio.Event()
         # Set when the next call may change kind (a retry, the end of the answer): a reply
         # queued for a budget then plans again instead of waiting its turn for a stale call.
@@ -447,6 +456,10 @@ class ReplyStreamer:
             else:
                 return True
 
+    def _posted(self) -> None:
+        if self._on_posted is not None:
+            self._on_posted(self.message_ids)
+
     def _finishing(self) -> bool:
         """Whether the next call lands the reply's end: once the answer is complete (finished,
         failed or cancelled), every target is complete and the user is waiting for it."""
@@ -512,6 +525,7 @@ class ReplyStreamer:
         if kind == "post":
             message_id = await surface.post(target.text)
             self._messages.append(_Message(message_id, target.text, False, self._now()))
+            self._posted()
             return
         if kind == "start":
             assert native is not None and self._native is not None
@@ -530,6 +544,7 @@ class ReplyStreamer:
                 self._append = None
                 return
             self._messages.append(_Message(message_id, target.text, True, self._now()))
+            self._posted()
             return
         message = self._messages[index]
         if kind == "edit":

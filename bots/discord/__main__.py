@@ -16,7 +16,7 @@ import discord
 from discord.gateway import DiscordWebSocket
 from discord.http import INTERNAL_API_VERSION
 
-from bots.discord.client import DiscordBot
+from bots.discord.client import PLATFORM, DiscordBot
 from core.config import Settings
 from core.engine import ChatEngine
 from core.errors import ConfigError
@@ -119,6 +119,11 @@ async def run(settings: Settings, *, engine: ChatEngine | None = None) -> None:
         raise ConfigError(MISSING_TOKEN_HELP, setting="DISCORD_BOT_TOKEN")
     point_discord_py_at(settings)
     engine = engine or await ChatEngine.create(settings)
+    try:
+        engine.store.hold_platform(PLATFORM)
+    except ConfigError:
+        await engine.close()
+        raise
     # Flushed: under a process manager stdout is a pipe, and the invite URL is wanted now.
     client = DiscordBot(settings, engine, announce=functools.partial(print, flush=True))
     loop = asyncio.get_running_loop()

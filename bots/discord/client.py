@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -168,6 +169,7 @@ class DiscordBot(discord.Client):
             engine,
             dataclasses.replace(PROFILE, command_deadline=defer_after),
             budgets=budgets,
+            reopen=self.reopen,
         )
         self.announce = announce or (lambda line: log.info("%s", line))
         super().__init__(
@@ -189,6 +191,20 @@ class DiscordBot(discord.Client):
         assert self.application_id is not None
         self.announce(f"Invite the bot to a server: {invite_url(self.application_id)}")
         self.commands_synced = await self.sync_commands()
+        # Replies a process that died left unfinished are finished (now and from time to time).
+        self.door.start_recovery()
+
+    async def reopen(self, place: str) -> DiscordReply | None:
+        """The surface of a reply a process that died left unfinished (``DiscordReply.place``)."""
+        try:
+            channel_id = int(json.loads(place)["channel"])
+            channel = self.get_channel(channel_id) or await self.fetch_channel(channel_id)
+        except (ValueError, TypeError, KeyError, discord.HTTPException) as error:
+            log.warning("cannot reopen a reply at %r: %s", place, error)
+            return None
+        if not isinstance(channel, discord.abc.Messageable):
+            return None
+        return DiscordReply(channel)
 
     async def _choose_gateway(self) -> None:
         settings = self.settings

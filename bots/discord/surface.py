@@ -8,6 +8,7 @@ Discord's ``X-RateLimit-*`` headers, and its 429s, to the budgets of the same sc
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 from collections.abc import Iterator
@@ -118,6 +119,11 @@ class DiscordReply:
         self.channel_id = channel_id
         self.reference = reference
         self.message_ids: list[str] = []
+
+    @property
+    def place(self) -> str:
+        """Where this reply goes, stored with the turn so another worker can reopen it."""
+        return json.dumps({"channel": self.channel_id})
 
     def render(self, text: str) -> str:
         # Discord renders Markdown itself.

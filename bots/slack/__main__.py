@@ -20,7 +20,7 @@ import aiohttp
 from aiohttp import web
 from slack_sdk.errors import SlackApiError, SlackRequestError
 
-from bots.slack.app import EVENTS_PATH, HEALTH_PATH, SlackBot, check_settings
+from bots.slack.app import EVENTS_PATH, HEALTH_PATH, PLATFORM, SlackBot, check_settings
 from bots.slack.surface import translate
 from core.config import Settings
 from core.engine import ChatEngine
@@ -56,6 +56,11 @@ async def serve(settings: Settings, stop: asyncio.Event, *, host: str = "0.0.0.0
     # Missing Slack settings are reported before the database is opened and migrated.
     check_settings(settings, socket_mode=bool(settings.slack_app_token))
     engine = await ChatEngine.create(settings)
+    try:
+        engine.store.hold_platform(PLATFORM)
+    except ConfigError:
+        await engine.close()
+        raise
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SLACK_API_TIMEOUT_SECONDS))
     runner: web.AppRunner | None = None
     # Bolt's Socket Mode handler (untyped); only set in Socket Mode.

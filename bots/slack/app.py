@@ -5,11 +5,13 @@
 (``core.bot.FrontDoor``), which routes, streams the answer into a ``SlackReply`` and keeps the
 turns in flight. Platform checks stay at this edge:
 
-- Noise is dropped first (``_drop_noise``, the first of our middleware; Bolt has verified the
-  signature before it): edits, deletions, joins, bot messages (ours included) and every event
-  we do not handle get a bare 200 and nothing else.
-- Every request is acked at once; the turn runs in a task the front door keeps, cancelled on
-  shutdown so each open reply shows a note instead of stopping mid-sentence.
+- Events are taken in ``_intake``, our middleware (Bolt has verified the signature before it):
+  noise first (edits, deletions, joins, bot messages, ours included, and every event we do not
+  handle get a bare 200 and nothing else), then the front door records the question durably
+  (``FrontDoor.admit``) and only then is the event acknowledged: a database that cannot be
+  reached within ``INTAKE_DEADLINE_SECONDS`` answers 503 (in Socket Mode: no ack), so Slack
+  delivers the event again instead of the question being lost. The turn runs in a task the
+  front door keeps, cancelled on shutdown so each open reply shows a note.
 - Exactly once: Slack delivers a mention as both ``app_mention`` and ``message`` and retries
   events (``X-Slack-Retry-Num``). Both deliveries build the same message id ``channel:ts``; the
   engine records it under a unique constraint (correct across processes), and a per-process
@@ -53,7 +55,7 @@ from core.commands import ChannelTarget, Command, HelpStyle, parse_command
 from core.config import Settings
 from core.conversation import ConversationKey
 from core.engine import ChatEngine
-from core.errors import ConfigError
+from core.errors import ConfigError, StoreUnavailableError
 
 if TYPE_CHECKING:
     # Only the type of an injected budgets object: pacing is the front door's job.
@@ -80,6 +82,9 @@ RECENT_MESSAGE_IDS = 10_000
 #: new non-Marketplace apps get 15, docs.slack.dev changelog 2025-05). The history policy caps
 #: what is sent to the model anyway.
 THREAD_CONTEXT_LIMIT = 200
+#: Slack wants the 200 within 3 s: a question not recorded by then is answered 503, and Slack
+#: delivers it again (at once, after a minute, after five).
+INTAKE_DEADLINE_SECONDS = 2.0
 #: Largest request body accepted on the events endpoint (a 100 KB message escaped as JSON fits).
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 #: SLACK_STREAMING -> how the front door uses native streams.
@@ -164,13 +169,12 @@ class SlackBot:
             engine,
             profile(settings, command_deadline=command_ack_budget),
             budgets=budgets,
+            reopen=self.reopen,
         )
         self.rate_scale = rate_scale
         self.bot_user_id = ""
         self.team_id = ""
         self.ready = False
-        # Events passed on to Bolt's listeners that have not reached the front door yet (drain).
-        self._routing = 0
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._identity: AsyncSlackResponse | None = None
         self._identity_lock = asyncio.Lock()
@@ -191,9 +195,7 @@ class SlackBot:
             request_verification_enabled=not self.socket_mode,
             process_before_response=False,
         )
-        self.app.middleware(self._drop_noise)
-        self.app.event("app_mention")(self._on_event)
-        self.app.event("message")(self._on_event)
+        self.app.middleware(self._intake)
         self.app.command(settings.slack_command)(self._on_command)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -213,6 +215,8 @@ class SlackBot:
         self.bot_user_id = str(identity.get("user_id") or "")
         self.team_id = str(identity.get("team_id") or "")
         self.ready = True
+        # Replies a worker that died left unfinished are finished (now and from time to time).
+        self.door.start_recovery()
         # The start-up line (bots/slack/__main__.py) says who and where; this is the detail.
         log.debug(
             "Slack bot ready: <@%s> in workspace %s (%s mode, streaming %s)",
@@ -252,12 +256,7 @@ class SlackBot:
 
     async def drain(self) -> None:
         """Wait until every event accepted so far has been answered (tests, benchmarks)."""
-        while self._routing or self.door.in_flight:
-            if self.door.in_flight:
-                await self.door.drain()
-            else:
-                # Bolt runs listeners in its own tasks, just after the ack.
-                await asyncio.sleep(0.005)
+        await self.door.drain()
 
     def web_app(self, *, events: bool = True) -> web.Application:
         """The HTTP endpoints: ``POST /slack/events`` (Bolt, unless ``events`` is false: Socket
@@ -281,40 +280,47 @@ class SlackBot:
     async def _handle_health(self, request: web.Request) -> web.Response:
         if not self.ready:
             return web.json_response({"ok": False, "status": "starting"}, status=503)
+        problem = await self.door.health()
+        if problem is not None:
+            # A load balancer should send Slack's retries to a worker that can record them.
+            return web.json_response({"ok": False, "status": problem}, status=503)
         return web.json_response({"ok": True, "turns_in_progress": self.door.in_flight})
 
     # -- events ----------------------------------------------------------------------------
 
-    async def _drop_noise(
+    async def _intake(
         self, req: AsyncBoltRequest, body: dict[str, Any], next: Callable[[], Awaitable[None]]
     ) -> BoltResponse | None:
-        """Ack and drop what the bot never answers, before any other work of ours."""
-        if body.get("type") == "event_callback":
-            event = body.get("event") or {}
-            if event.get("type") not in HANDLED_EVENTS or _is_noise(event, self.bot_user_id):
-                return BoltResponse(status=200, body="")
-            id_ = message_id(str(event.get("channel", "")), str(event.get("ts", "")))
-            if id_ in self._recent:
-                retries = req.headers.get("x-slack-retry-num") or []
-                log.debug("dropped a second delivery of %s (retry %s)", id_, retries[:1])
-                return BoltResponse(status=200, body="")
-            self._routing += 1
-        await next()
-        return None
-
-    async def _on_event(self, event: dict[str, Any], body: dict[str, Any]) -> None:
-        """A message or mention (already acked by Bolt): hand it to the front door."""
+        """Take an event: drop noise, record the question, then acknowledge (see the module
+        docstring). Everything else (slash commands) goes on to Bolt's listeners."""
+        if body.get("type") != "event_callback":
+            await next()
+            return None
+        if not self.ready:
+            # Shutting down: Slack delivers the event again, to a worker that will answer it.
+            return BoltResponse(status=503, body="")
+        event = body.get("event") or {}
+        if event.get("type") not in HANDLED_EVENTS or _is_noise(event, self.bot_user_id):
+            return BoltResponse(status=200, body="")
+        id_ = message_id(str(event.get("channel", "")), str(event.get("ts", "")))
+        if id_ in self._recent or not self._is_candidate(event):
+            retries = req.headers.get("x-slack-retry-num") or []
+            log.debug("dropped %s (retry %s): a second delivery or not for us", id_, retries[:1])
+            return BoltResponse(status=200, body="")
+        # Remembered before the first await, so the twin delivery (app_mention + message)
+        # dispatched concurrently is dropped here.
+        self._remember(id_)
+        team = str(body.get("team_id") or event.get("team") or self.team_id)
         try:
-            team = str(body.get("team_id") or event.get("team") or self.team_id)
-            id_ = message_id(str(event.get("channel", "")), str(event.get("ts", "")))
-            # Remembered before the first await, so the twin delivery is dropped even when it
-            # is dispatched concurrently.
-            if not self._is_candidate(event) or id_ in self._recent:
-                return
-            self._remember(id_)
-            self.door.receive(SlackArrival(self, event, team))
-        finally:
-            self._routing -= 1
+            async with asyncio.timeout(INTAKE_DEADLINE_SECONDS):
+                admission = await self.door.admit(SlackArrival(self, event, team))
+        except (StoreUnavailableError, TimeoutError) as error:
+            self._recent.pop(id_, None)
+            log.warning("%s not taken (%s): answering 503 so Slack delivers it again", id_, error)
+            return BoltResponse(status=503, body="")
+        if admission is not None:
+            self.door.start(admission)
+        return BoltResponse(status=200, body="")
 
     def _is_candidate(self, event: dict[str, Any]) -> bool:
         """Cheap checks that need no database: DMs, mentions and thread replies go on."""
@@ -356,6 +362,14 @@ class SlackBot:
     def reply_surface(self, target: ReplyTarget) -> SlackReply:
         """The surface one answer at ``target`` is streamed into."""
         return SlackReply(self.client, target, rate_scale=self.rate_scale)
+
+    async def reopen(self, place: str) -> SlackReply | None:
+        """The surface of a reply a worker that died left unfinished (``SlackReply.place``)."""
+        try:
+            return self.reply_surface(ReplyTarget.from_place(place))
+        except (ValueError, TypeError, KeyError):
+            log.warning("cannot reopen a reply at %r", place)
+            return None
 
     # -- slash command ---------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ anything else -> ``PermanentSurfaceError`` carrying Slack's error string as ``co
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -105,6 +106,31 @@ class ReplyTarget:
     user: str
     user_team: str
 
+    @property
+    def place(self) -> str:
+        """This target as text, stored with the turn so another worker can reopen the reply."""
+        return json.dumps(
+            {
+                "team": self.team,
+                "channel": self.channel,
+                "thread_ts": self.thread_ts,
+                "user": self.user,
+                "user_team": self.user_team,
+            }
+        )
+
+    @classmethod
+    def from_place(cls, place: str) -> ReplyTarget:
+        """The target a ``place`` describes."""
+        data = json.loads(place)
+        return cls(
+            str(data["team"]),
+            str(data["channel"]),
+            None if data.get("thread_ts") is None else str(data["thread_ts"]),
+            str(data.get("user") or ""),
+            str(data.get("user_team") or ""),
+        )
+
 
 def message_id(channel: str, ts: str) -> str:
     """The platform id of a Slack message, as stored: ``channel:ts``."""
@@ -158,6 +184,7 @@ class SlackReply:
     ) -> None:
         self.client = client
         self.target = target
+        self.place = target.place
         # Native-stream admission counts per workspace; Slack streams only as a reply to a
         # message, so a top-level DM answer cannot stream.
         self.native_scope = target.team if target.thread_ts else ""

@@ -88,7 +88,12 @@ class BotProcess:
     async def terminate(self, within: float = 30.0) -> int:
         """SIGTERM, as a platform stops a process; its exit status."""
         self.process.send_signal(signal.SIGTERM)
-        return await asyncio.to_thread(self.process.wait, within)
+        try:
+            return await asyncio.to_thread(self.process.wait, within)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"still running {within} s after SIGTERM:\n{self.stderr}"
+            ) from None
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -265,3 +270,48 @@ async def test_log_level_debug_lets_the_libraries_speak(
         await bot.healthy(session)
         assert await bot.terminate() == 0
     assert " alembic.runtime.migration: " in bot.stderr
+
+
+async def test_a_reply_cut_by_a_crash_is_finished_in_place_by_the_next_process(
+    bot_process: Callable[..., BotProcess], tmp_path: Path
+) -> None:
+    async with FakeSlack() as fake, aiohttp.ClientSession() as session:
+        shared = {"DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"}
+        env = http_env(
+            fake, OFFLINE_DELAY="0.1", TURN_LEASE_SECONDS="2", SLACK_STREAMING="update", **shared
+        )
+        first = bot_process(**env)
+        await first.healthy(session)
+        ts = fake.next_ts()
+        await signed_sender(first, fake, session).mention("tell me everything", ts=ts)
+        await until(lambda: fake.thread_text(CHANNEL, ts).startswith("*(offline"))
+        first.process.send_signal(signal.SIGKILL)  # a crash: no shutdown note, no cleanup
+        await asyncio.to_thread(first.process.wait, 10)
+        [reply] = fake.bot_messages(CHANNEL, ts)
+        assert reply.visible().endswith(" \u258d")  # left half-written, with the cursor
+
+        crashed_at = time.monotonic()
+        second = bot_process(**env)
+        await second.healthy(session)
+        expected = demo("tell me everything")
+        await until(lambda: fake.thread_text(CHANNEL, ts) == expected, within=60)
+        finished_after = time.monotonic() - crashed_at
+        # The same message, finished in place: no second reply, no cursor.
+        assert [m.ts for m in fake.bot_messages(CHANNEL, ts)] == [reply.ts]
+        assert "taking over turn" in second.stderr
+        assert await second.terminate() == 0, second.stderr
+        print(f"crash to complete answer: {finished_after:.1f} s")
+
+
+async def test_a_second_process_on_one_sqlite_file_is_refused_in_one_line(
+    bot_process: Callable[..., BotProcess], tmp_path: Path
+) -> None:
+    async with FakeSlack() as fake, aiohttp.ClientSession() as session:
+        shared = {"DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"}
+        first = bot_process(**http_env(fake, **shared))
+        await first.healthy(session)
+        second = bot_process(**http_env(fake, **shared))
+        assert await asyncio.to_thread(second.process.wait, 60) == 2
+        [line] = second.stderr.splitlines()
+        assert "another threadbot slack process" in line and "DATABASE_URL" in line
+        assert await first.terminate() == 0
