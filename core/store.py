@@ -13,12 +13,12 @@ import fcntl
 import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -40,7 +40,15 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, InvalidRequestError, NoSuchModuleError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    InvalidRequestError,
+    NoSuchModuleError,
+    OperationalError,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -1004,3 +1012,52 @@ def _advisory_key(conversation_id: int) -> int:
     # A 64-bit signed key in a namespace of our own, so other users of advisory locks don't clash.
     digest = hashlib.blake2b(f"threadbot:conversation:{conversation_id}".encode(), digest_size=8)
     return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+# -- retrying the writes that matter ---------------------------------------------------------------
+
+#: Waits before the second and third attempt of a write that matters (a question, an answer),
+#: in seconds: short, since a user is waiting, and enough for a lock to clear or a pool to
+#: replace a dropped connection.
+WRITE_RETRY_WAITS = (0.2, 1.0)
+
+_T = TypeVar("_T")
+
+
+def is_passing_database_error(error: BaseException) -> bool:
+    """Whether a failed write may succeed when tried again: the database was busy or unreachable
+    or the connection dropped; never for a refused statement (a constraint, a bad query)."""
+    if isinstance(error, DBAPIError):
+        return error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)
+    return isinstance(error, ConnectionError | TimeoutError)
+
+
+async def retry_write(
+    write: Callable[[], Awaitable[_T]],
+    *,
+    what: str,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> _T:
+    """``write()``, tried again after ``WRITE_RETRY_WAITS`` when the database fails in passing.
+
+    The last failure is raised as itself; ``what`` names the write in the log.
+    """
+    waits = iter(WRITE_RETRY_WAITS)
+    attempt = 1
+    while True:
+        try:
+            return await write()
+        except Exception as error:
+            wait = next(waits, None)
+            if wait is None or not is_passing_database_error(error):
+                raise
+            log.warning(
+                "saving %s failed (attempt %d of %d): %s; trying again in %.1f s",
+                what,
+                attempt,
+                len(WRITE_RETRY_WAITS) + 1,
+                " ".join(str(getattr(error, "orig", None) or error).split()),
+                wait,
+            )
+            attempt += 1
+            await sleep(wait)
