@@ -39,14 +39,20 @@ class NullSink:
     async def begin(self) -> None:
         return None
 
+    async def waiting(self, notice: str | None) -> None:
+        return None
+
     def write(self, delta: str) -> None:
         return None
 
     async def retrying(self, notice: str) -> None:
         return None
 
-    async def finish(self) -> list[str]:
+    async def finish(self, note: str | None = None) -> list[str]:
         return []
+
+    async def amend(self, note: str) -> None:
+        return None
 
     async def fail(self, message: str) -> None:
         raise RuntimeError(message)

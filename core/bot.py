@@ -579,7 +579,9 @@ class FrontDoor:
         """Take no more work; end every reply in progress with ``note`` and wait for them."""
         self.accepting = False
         if self._recovery is not None:
+            # Awaited: a statement cut off while the store closes can hang the interpreter's exit.
             self._recovery.cancel()
+            await asyncio.wait({self._recovery})
         await self.engine.cancel_all(note)
         for task in list(self._tasks):
             task.cancel()

@@ -23,6 +23,8 @@ HISTORY_STRATEGIES = ("count", "tokens", "summary")
 PROVIDERS = ("openai", "anthropic", "offline")
 SLACK_STREAMING_MODES = ("auto", "native", "update")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: The smallest MODEL_CONTEXT_TOKENS accepted: below it no question and answer fit at all.
+MIN_CONTEXT_TOKENS = 256
 TRUE_WORDS = ("true", "1", "yes", "on")
 FALSE_WORDS = ("false", "0", "no", "off")
 # Hosts (Heroku, Render, Railway, Fly) hand out plain libpq URLs; SQLAlchemy's asyncio extension
@@ -54,6 +56,9 @@ class Settings:
     # Tokens kept free for the model's answer inside MAX_HISTORY_TOKENS.
     reply_reserve_tokens: int = 1024
     max_reply_tokens: int = 2048
+    # The model's context window in tokens, when known: requests are kept within it (None: the
+    # server's own context-overflow error says it, and the turn is retried to fit).
+    model_context_tokens: int | None = None
     max_retry_attempts: int = 4
     # Longest user message accepted, in characters; longer ones get a clear refusal.
     max_input_chars: int = 40_000
@@ -114,6 +119,9 @@ class Settings:
             if value < minimum:
                 raise ConfigError(f"{name} must be at least {minimum}, not {value}", setting=name)
             return value
+
+        def get_optional_int(name: str, minimum: int) -> int | None:
+            return None if get(name) is None else get_int(name, 0, minimum=minimum)
 
         def get_float(name: str, default: float) -> float:
             raw = get(name)
@@ -183,6 +191,7 @@ class Settings:
             max_history_tokens=get_int("MAX_HISTORY_TOKENS", 8000, minimum=1),
             reply_reserve_tokens=get_int("REPLY_RESERVE_TOKENS", 1024),
             max_reply_tokens=get_int("MAX_REPLY_TOKENS", 2048, minimum=1),
+            model_context_tokens=get_optional_int("MODEL_CONTEXT_TOKENS", MIN_CONTEXT_TOKENS),
             max_retry_attempts=get_int("MAX_RETRY_ATTEMPTS", 4, minimum=1),
             max_input_chars=get_int("MAX_INPUT_CHARS", 40_000, minimum=1),
             llm_timeout=get_float("LLM_TIMEOUT", 60.0),

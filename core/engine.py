@@ -14,41 +14,83 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 from core.commands import (
+    CANCELLED_BY_RESET,
+    HISTORY_TOKENS_RANGE,
     ChannelTarget,
     Command,
     CommandRunner,
+    HelpStyle,
     parse_command,
     system_prompt_for,
 )
 from core.config import Settings
 from core.conversation import ConversationKey, IncomingMessage, Usage
 from core.errors import (
+    ContextOverflowError,
     ProviderAuthError,
     ProviderError,
     SurfaceError,
     TransientProviderError,
 )
-from core.history import Window, policy_for
+from core.history import (
+    HistoryPolicy,
+    SummaryPolicy,
+    TokenBudgetPolicy,
+    Window,
+    policy_for,
+    raw_estimate,
+)
+from core.outcomes import (
+    EMPTY_ANSWER,
+    UNEXPECTED_FAILURE,
+    UNSAVED_ANSWER_NOTE,
+    UNSAVED_QUESTION,
+    WAITING_NOTICE,
+    cut_note,
+    failure_message,
+    overflow_failure,
+    plain_reason,
+)
 from core.providers import build_provider
 from core.providers.base import Provider
 from core.reply import ReplySink
 from core.retry import RetryPolicy
-from core.store import Conversation, ConversationStore
-from core.store import TurnStatus as RecordStatus
+from core.store import (
+    Conversation,
+    ConversationStore,
+    MessageStatus,
+    StoredMessage,
+    TurnStatus,
+    retry_write,
+)
 
 log = logging.getLogger(__name__)
 
-TurnStatus = Literal["answered", "duplicate", "command", "rejected", "failed", "cancelled"]
+_T = TypeVar("_T")
+
+ResultStatus = Literal["answered", "duplicate", "command", "rejected", "failed", "cancelled"]
 
 #: How often processed platform events older than any redelivery are forgotten (seconds).
 EVENT_PRUNE_INTERVAL = 3600.0
 #: A retry before any token was shown stays silent when its wait is shorter than this (seconds).
 SILENT_RETRY_MAX_WAIT = 2.0
+#: A reset waits at most this long for the answer it stops to record what it showed (seconds),
+#: so the stopped answer is stored before the conversation starts over.
+STOP_SETTLE_SECONDS = 5.0
+#: Tokens kept free when fitting a request to the model's context: our count is an estimate
+#: (see core/tokens.py), off by up to a tenth for some texts ...
+CONTEXT_MARGIN_SHARE = 0.1
+#: ... and never fewer than this.
+MIN_CONTEXT_MARGIN_TOKENS = 32
+#: The smallest figure the ``history`` command takes for tokens.
+HISTORY_TOKENS_MIN = HISTORY_TOKENS_RANGE[0]
+#: A turn record's note keeps at most this much of an error's text.
+MAX_TURN_NOTE_CHARS = 500
 
 EMPTY_MESSAGE_HINT = (
     "Ask me something after the mention, for example “summarise this thread” or "
@@ -61,10 +103,75 @@ CANCELLED_DEFAULT = "Stopped before the answer was complete."
 class TurnResult:
     """What became of one incoming message."""
 
-    status: TurnStatus
+    status: ResultStatus
     text: str = ""
     message_ids: list[str] = field(default_factory=list)
     conversation_id: int | None = None
+
+
+@dataclass(slots=True)
+class _Progress:
+    """How far one turn got: what its failure or cancellation must record."""
+
+    turn_id: int | None
+    conversation_id: int | None = None
+    conversation: Conversation | None = None
+    question: StoredMessage | None = None
+    # The text of the current attempt, as the reply shows it.
+    parts: list[str] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)
+    first_token_at: float | None = None
+    # Set once the turn records its own outcome (answer stored, or failure): a cancel then
+    # records nothing more.
+    closing: bool = False
+    # Set when the turn's outcome is recorded (a reset waits for it).
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """What one request sends: the window and the room for the answer."""
+
+    window: Window
+    max_tokens: int
+    # The model's context window it was fitted to, when known.
+    context_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """A complete answer and how it was made."""
+
+    answer: str
+    request: _Request
+    started: float
+    variant: str
+
+
+class _Place:
+    """A turn's place in its conversation's line: it waits for the turn before it."""
+
+    def __init__(self, before: asyncio.Future[None] | None, done: Callable[[], None]) -> None:
+        self._before = before
+        self._done = done
+
+    @property
+    def busy(self) -> bool:
+        """Whether another turn of the conversation is still ahead of this one."""
+        return self._before is not None and not self._before.done()
+
+    async def wait(self) -> None:
+        """Wait for the turn ahead (never cancelling it)."""
+        if self._before is not None:
+            await asyncio.wait((self._before,))
+
+    def leave(self) -> None:
+        """Give the place up; the next turn goes once the one ahead of this one is done too."""
+        before = self._before
+        if before is None or before.done():
+            self._done()
+        else:
+            before.add_done_callback(lambda _: self._done())
 
 
 class ChatEngine:
@@ -78,17 +185,24 @@ class ChatEngine:
         *,
         retry: RetryPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.settings = settings
         self.store = store
         self.provider = provider
         self.retry = retry or RetryPolicy(max_attempts=settings.max_retry_attempts)
         self._clock = clock
-        # Orders turns of one conversation in this process in arrival order: taken before the
-        # first await of a turn (asyncio locks are FIFO).
-        self._key_locks: dict[ConversationKey, asyncio.Lock] = {}
-        self._key_waiters: dict[ConversationKey, int] = {}
+        # Waits between attempts of a write that matters (core.store.retry_write).
+        self._sleep = sleep
+        # Orders turns of one conversation in this process in arrival order: the last turn in
+        # each conversation's line, resolved when it is done (see ``_line_up``).
+        self._tails: dict[ConversationKey, asyncio.Future[None]] = {}
         self._active: dict[int, asyncio.Task[object]] = {}
+        self._progress: dict[asyncio.Task[object], _Progress] = {}
+        # Turns cancelled by a shutdown: their outcome is ``interrupted``, not ``stopped``.
+        self._interrupting: set[asyncio.Task[object]] = set()
+        # The context size the model's server stated in an overflow error.
+        self._learned_context: int | None = None
         # Every turn whose reply has begun, also while it waits for the conversation's lock.
         self._begun: set[asyncio.Task[object]] = set()
         self._cancel_notes: dict[asyncio.Task[object], str] = {}
@@ -121,13 +235,29 @@ class ChatEngine:
 
     async def run_command(self, command: Command, target: ConversationKey | ChannelTarget) -> str:
         """Do ``command`` (see ``core.commands.CommandRunner``); the answer to show."""
+        if command.action == "reset" and isinstance(target, ConversationKey):
+            await self._stop_and_settle(target)
         return await self.commands.run(command, target)
+
+    async def _stop_and_settle(self, key: ConversationKey) -> None:
+        """Stop the answer in progress at ``key`` and let it store what it showed, so that lands
+        in the conversation before a reset starts it over."""
+        conversation = await self.store.find(key)
+        active = None if conversation is None else self._active.get(conversation.id)
+        if conversation is None or active is None or active is asyncio.current_task():
+            return
+        progress = self._progress.get(active)
+        self._stop_turn(conversation.id, CANCELLED_BY_RESET)
+        if progress is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(progress.settled.wait(), STOP_SETTLE_SECONDS)
 
     async def cancel_all(self, note: str) -> None:
         """Cancel every turn in progress (shutdown); each reply shows ``note``."""
         tasks = list(self._begun)
         for task in tasks:
             self._cancel_notes[task] = note
+            self._interrupting.add(task)
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -137,38 +267,30 @@ class ChatEngine:
 
     async def handle(self, incoming: IncomingMessage, reply: ReplySink) -> TurnResult:
         """Answer one incoming message into ``reply``. See the module docstring."""
-        key = incoming.key
-        lock = self._key_locks.get(key)
-        if lock is None:
-            lock = self._key_locks[key] = asyncio.Lock()
-        self._key_waiters[key] = self._key_waiters.get(key, 0) + 1
+        # The place in line is taken before the first await, so turns keep arrival order.
+        place = self._line_up(incoming.key)
         try:
-            async with lock:
-                result = await self._handle_locked(incoming, reply)
-        except asyncio.CancelledError:
-            if incoming.turn_id is not None:
-                # A reset stops the turn; a shutdown interrupts it (another worker may finish it
-                # only if it is still open: this records that it ended here).
-                await asyncio.shield(self._record_outcome(incoming.turn_id, "interrupted"))
-            raise
+            return await self._handle_in_line(incoming, reply, place)
         finally:
-            self._key_waiters[key] -= 1
-            if not self._key_waiters[key]:
-                del self._key_waiters[key]
-                del self._key_locks[key]
-        if incoming.turn_id is not None and result.status != "duplicate":
-            status: RecordStatus = "failed" if result.status == "failed" else "answered"
-            await self._record_outcome(incoming.turn_id, status)
-        return result
+            place.leave()
 
-    async def _record_outcome(self, turn_id: int, status: RecordStatus) -> None:
-        try:
-            await self.store.update_turn(turn_id, status=status)
-        except Exception as error:
-            # The answer is out; a turn left open is finished again by recovery at worst.
-            log.error("turn %s: its outcome (%s) could not be recorded: %s", turn_id, status, error)
+    def _line_up(self, key: ConversationKey) -> _Place:
+        """Take the next place in ``key``'s line (no await: arrival order is kept)."""
+        before = self._tails.get(key)
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._tails[key] = mine
 
-    async def _handle_locked(self, incoming: IncomingMessage, reply: ReplySink) -> TurnResult:
+        def done() -> None:
+            if not mine.done():
+                mine.set_result(None)
+            if self._tails.get(key) is mine:
+                del self._tails[key]
+
+        return _Place(before, done)
+
+    async def _handle_in_line(
+        self, incoming: IncomingMessage, reply: ReplySink, place: _Place
+    ) -> TurnResult:
         key = incoming.key
         # A recorded turn's event was claimed at intake, with the record (core.bot.admit).
         claim = incoming.message_id is not None and incoming.turn_id is None
@@ -178,150 +300,392 @@ class ChatEngine:
             log.info(
                 "dropped a second delivery of %s message %s", key.platform, incoming.message_id
             )
+            await self._settle_turn(incoming.turn_id, "failed", note="a second delivery")
             return TurnResult("duplicate")
         if incoming.message_id is not None:
             self._prune_events_now_and_then()
         text = incoming.text.strip()
-        if not text:
-            await self._say(reply, EMPTY_MESSAGE_HINT)
-            return TurnResult("rejected", EMPTY_MESSAGE_HINT)
-        if len(text) > self.settings.max_input_chars:
-            refusal = (
-                f"Your message is {len(text):,} characters long; I can take at most "
-                f"{self.settings.max_input_chars:,}. Please shorten it or split it into parts."
-            )
+        refusal = self._refusal(text)
+        if refusal is not None:
             await self._say(reply, refusal)
+            await self._settle_turn(incoming.turn_id, "answered", note="refused: " + refusal)
             return TurnResult("rejected", refusal)
-        if incoming.allow_commands:
-            command = parse_command(text)
-            if command is not None:
-                answer = await self.run_command(command, key)
-                await self._say(reply, answer)
-                return TurnResult("command", answer)
+        command = parse_command(text) if incoming.allow_commands else None
 
         await reply.begin()
         task = asyncio.current_task()
+        progress = _Progress(turn_id=incoming.turn_id)
         if task is not None:
-            self._begun.add(task)  # type: ignore[arg-type]
+            self._begun.add(task)
+            self._progress[task] = progress
         try:
-            conversation, _ = await self.store.get_or_create(key, seed=incoming.thread_context)
-            async with self.store.conversation_lock(conversation.id):
-                if task is not None:
-                    self._active[conversation.id] = task  # type: ignore[assignment]
-                try:
-                    return await self._turn(conversation, incoming, text, reply)
-                finally:
-                    if self._active.get(conversation.id) is task:
-                        del self._active[conversation.id]
+            if place.busy:
+                # A sign of life at once, not only when the answer before this one ends.
+                await reply.waiting(WAITING_NOTICE)
+                await place.wait()
+                await reply.waiting(None)
+            if command is not None:
+                answer = await self.run_command(command, key)
+                reply.write(answer)
+                await reply.finish()
+                await self._settle_turn(incoming.turn_id, "answered", note="a command")
+                return TurnResult("command", answer)
+            return await self._answer(incoming, text, reply, progress)
         except asyncio.CancelledError:
             # Also while queued behind another turn: the reply already shows that it is working.
             note = self._cancel_notes.pop(task, CANCELLED_DEFAULT) if task else CANCELLED_DEFAULT
+            interrupted = task in self._interrupting
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._record_stop(progress, note, interrupted=interrupted))
+            progress.settled.set()
             with contextlib.suppress(Exception):
                 await asyncio.shield(reply.cancel(note))
             raise
         finally:
+            progress.settled.set()
             if task is not None:
                 self._cancel_notes.pop(task, None)
-                self._begun.discard(task)  # type: ignore[arg-type]
+                self._interrupting.discard(task)
+                self._progress.pop(task, None)
+                self._begun.discard(task)
+
+    def _refusal(self, text: str) -> str | None:
+        """What to say instead of answering ``text`` (empty or too long), or None."""
+        if not text:
+            return EMPTY_MESSAGE_HINT
+        if len(text) > self.settings.max_input_chars:
+            return (
+                f"Your message is {len(text):,} characters long; I can take at most "
+                f"{self.settings.max_input_chars:,}. Please shorten it or split it into parts."
+            )
+        return None
+
+    async def _answer(
+        self, incoming: IncomingMessage, text: str, reply: ReplySink, progress: _Progress
+    ) -> TurnResult:
+        conversation, _ = await self.store.get_or_create(incoming.key, seed=incoming.thread_context)
+        task = asyncio.current_task()
+        async with self.store.conversation_lock(conversation.id):
+            if task is not None:
+                self._active[conversation.id] = task
+            try:
+                return await self._turn(conversation, incoming, text, reply, progress)
+            finally:
+                if self._active.get(conversation.id) is task:
+                    del self._active[conversation.id]
 
     async def _turn(
-        self, conversation: Conversation, incoming: IncomingMessage, text: str, reply: ReplySink
+        self,
+        conversation: Conversation,
+        incoming: IncomingMessage,
+        text: str,
+        reply: ReplySink,
+        progress: _Progress,
     ) -> TurnResult:
         # Re-read: a reset or a new system prompt may have landed while we waited for the lock.
         conversation = await self.store.get(conversation.id)
+        progress.conversation_id = conversation.id
         key = conversation.key
         channel = await self.store.channel_settings(key.platform, key.workspace, key.channel)
         system, variant = system_prompt_for(self.settings, conversation, channel.system_prompt)
+        # A turn taken over from a worker that died may have stored its question already.
         stored = (
-            set() if incoming.turn_id is None else await self.store.turn_messages(incoming.turn_id)
+            None if progress.turn_id is None else await self.store.turn_question(progress.turn_id)
         )
-        if "user" not in stored:
-            # A turn taken over from a worker that died may have stored its question already.
-            await self.store.append(
-                conversation,
-                "user",
-                text,
-                user_id=incoming.user_id,
-                platform_message_ids=[incoming.message_id] if incoming.message_id else (),
-                turn_id=incoming.turn_id,
+        try:
+            question = stored or await self._write(
+                "the question",
+                lambda: self.store.append(
+                    conversation,
+                    "user",
+                    text,
+                    user_id=incoming.user_id,
+                    platform_message_ids=[incoming.message_id] if incoming.message_id else (),
+                    turn_id=incoming.turn_id,
+                ),
             )
-        if incoming.turn_id is not None:
-            await self.store.update_turn(incoming.turn_id, status="answering")
+        except Exception:
+            log.exception("conversation %s: the question could not be saved", conversation.id)
+            return await self._failed(progress, reply, UNSAVED_QUESTION, "question not saved")
+        progress.question = question
+        progress.conversation = conversation
+        await self._settle_turn(incoming.turn_id, "answering")
         policy = policy_for(self.settings, channel)
-        window = await policy.load(self.store, conversation, system=system)
-
         started = self._clock()
-        first_token_at: float | None = None
-        usage = Usage()
-        parts: list[str] = []
+        try:
+            request = await self._generate(policy, conversation, system, reply, progress)
+        except ContextOverflowError as error:
+            log.error("conversation %s: %s", conversation.id, error)
+            prefix = self.commands.help_styles.get(key.platform, HelpStyle()).prefix
+            limit = error.limit or self._context_tokens()
+            message = overflow_failure(
+                limit, command_prefix=prefix, suggest=_suggested_tokens(limit)
+            )
+            return await self._failed(progress, reply, message, str(error))
+        except ProviderError as error:
+            message = self._failure_message(error, conversation)
+            return await self._failed(progress, reply, message, str(error))
+        except Exception as error:
+            log.exception("conversation %s: the turn failed unexpectedly", conversation.id)
+            return await self._failed(progress, reply, UNEXPECTED_FAILURE, repr(error))
+        answer = "".join(progress.parts)
+        if not answer.strip():
+            return await self._failed(progress, reply, EMPTY_ANSWER, "empty answer")
+        outcome = _Outcome(answer, request, started, variant)
+        return await self._deliver(conversation, reply, progress, outcome, policy)
+
+    async def _generate(
+        self,
+        policy: HistoryPolicy,
+        conversation: Conversation,
+        system: str,
+        reply: ReplySink,
+        progress: _Progress,
+    ) -> _Request:
+        """Stream an answer into ``reply``; once more with a window that fits on an overflow."""
+        request = await self._request(policy, conversation, system, self._context_tokens())
+        try:
+            await self._stream(request, reply, progress, conversation.id)
+            return request
+        except ContextOverflowError as error:
+            limit = error.limit or self._context_tokens()
+            if limit is None:
+                raise
+            if error.limit is not None and error.limit != self._learned_context:
+                # Later turns fit from the start instead of failing once each.
+                self._learned_context = error.limit
+                log.warning(
+                    "the model's context is %d tokens (its server says so); set "
+                    "MODEL_CONTEXT_TOKENS=%d to keep requests within it from the start",
+                    error.limit,
+                    error.limit,
+                )
+            if error.requested is not None:
+                # The server counted the request: our estimate learns from it.
+                sent = request.window
+                policy.counter.observe(raw_estimate(sent.system, sent.messages), error.requested)
+            fitted = await self._request(policy, conversation, system, limit, force=True)
+            log.info(
+                "conversation %s: the request did not fit a %d-token context; retrying with %s",
+                conversation.id,
+                limit,
+                fitted.window.describe(),
+            )
+            await self._stream(fitted, reply, progress, conversation.id)
+            return fitted
+
+    async def _request(
+        self,
+        policy: HistoryPolicy,
+        conversation: Conversation,
+        system: str,
+        context_tokens: int | None,
+        *,
+        force: bool = False,
+    ) -> _Request:
+        """The window and reply limit to send: within ``context_tokens`` when it is known."""
+        window = await policy.load(self.store, conversation, system=system)
+        max_reply = self.settings.max_reply_tokens
+        if context_tokens is None:
+            return _Request(window, max_reply)
+        room = context_tokens - _context_margin(context_tokens)
+        reserve = min(max_reply, room // 2)
+        if force or window.tokens > room - reserve:
+            window = await _fitting(policy, room, reserve).load(
+                self.store, conversation, system=system
+            )
+        # A server that counts the answer's room against the context too (OpenAI) must be asked
+        # for no more than is left.
+        return _Request(window, max(1, min(max_reply, room - window.tokens)), context_tokens)
+
+    async def _stream(
+        self, request: _Request, reply: ReplySink, progress: _Progress, conversation_id: int
+    ) -> None:
+        """One request under the retry policy; the text goes to ``reply`` and ``progress``."""
+        parts = progress.parts
 
         async def on_retry(attempt: int, wait: float, error: TransientProviderError) -> None:
             log.warning(
                 "conversation %s: provider attempt %d failed (%s); retrying in %.1fs",
-                conversation.id,
+                conversation_id,
                 attempt,
                 error,
                 wait,
             )
-            if parts or wait >= SILENT_RETRY_MAX_WAIT:
+            shown = bool(parts)
+            # The reply drops the partial text now: a stop while waiting keeps nothing of it.
+            parts.clear()
+            if shown or wait >= SILENT_RETRY_MAX_WAIT:
                 await reply.retrying(_retry_notice(attempt, self.retry.max_attempts, wait, error))
 
-        try:
-            async for attempt in self.retry.attempts(on_retry):
-                with attempt:
-                    parts.clear()
-                    usage = Usage()
-                    async for delta in self.provider.stream(
-                        window.messages,
-                        system=window.system,
-                        max_tokens=self.settings.max_reply_tokens,
-                        usage=usage,
-                    ):
-                        if first_token_at is None:
-                            first_token_at = self._clock()
-                        parts.append(delta)
-                        reply.write(delta)
-        except ProviderError as error:
-            message = self._failure_message(error, conversation)
-            await reply.fail(message)
-            return TurnResult("failed", message, conversation_id=conversation.id)
-        except Exception:
-            log.exception("conversation %s: the turn failed unexpectedly", conversation.id)
-            message = "Something went wrong on my side while answering. Please try again."
-            await reply.fail(message)
-            return TurnResult("failed", message, conversation_id=conversation.id)
+        async for attempt in self.retry.attempts(on_retry):
+            with attempt:
+                parts.clear()
+                progress.usage = Usage()
+                async for delta in self.provider.stream(
+                    request.window.messages,
+                    system=request.window.system,
+                    max_tokens=request.max_tokens,
+                    usage=progress.usage,
+                ):
+                    if progress.first_token_at is None:
+                        progress.first_token_at = self._clock()
+                    parts.append(delta)
+                    reply.write(delta)
 
-        answer = "".join(parts)
-        if not answer.strip():
-            message = "The model returned an empty answer. Try rephrasing your question."
-            await reply.fail(message)
-            return TurnResult("failed", message, conversation_id=conversation.id)
+    async def _deliver(
+        self,
+        conversation: Conversation,
+        reply: ReplySink,
+        progress: _Progress,
+        outcome: _Outcome,
+        policy: HistoryPolicy,
+    ) -> TurnResult:
+        """Land the final text (with a note when it was cut) and store the answer."""
+        usage = progress.usage
+        cut = usage.cut_at_limit
+        note = None
+        if cut:
+            note = cut_note(
+                outcome.request.max_tokens,
+                setting_limit=self.settings.max_reply_tokens,
+                context_tokens=outcome.request.context_tokens,
+            )
         message_ids: list[str] = []
         try:
-            message_ids = await reply.finish()
+            message_ids = await reply.finish(note)
         except SurfaceError as error:
             # The platform stayed down; the answer is still kept so the conversation goes on.
             log.error(
                 "conversation %s: the final text could not be shown: %s", conversation.id, error
             )
         finished = self._clock()
-        await self.store.append(
-            conversation,
-            "assistant",
-            answer,
-            platform_message_ids=message_ids,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            first_token_ms=None
-            if first_token_at is None
-            else round((first_token_at - started) * 1000),
-            duration_ms=round((finished - started) * 1000),
-            model=self.provider.label[:200],
-            prompt_variant=variant,
-            turn_id=incoming.turn_id,
+        first = progress.first_token_at
+        progress.closing = True
+        try:
+            await asyncio.shield(
+                self._write(
+                    "the answer",
+                    lambda: self.store.append(
+                        conversation,
+                        "assistant",
+                        outcome.answer,
+                        platform_message_ids=message_ids,
+                        input_tokens=usage.input_tokens,
+                        output_tokens=usage.output_tokens,
+                        first_token_ms=None if first is None else _ms(first - outcome.started),
+                        duration_ms=_ms(finished - outcome.started),
+                        model=self.provider.label[:200],
+                        prompt_variant=outcome.variant,
+                        status="cut" if cut else None,
+                        finish_reason=usage.finish_reason,
+                        turn_id=progress.turn_id,
+                    ),
+                )
+            )
+        except Exception:
+            log.exception(
+                "conversation %s: the answer was shown but could not be saved", conversation.id
+            )
+            with contextlib.suppress(SurfaceError):
+                await reply.amend(UNSAVED_ANSWER_NOTE)
+            await self._settle_turn(
+                progress.turn_id,
+                "answered",
+                finish_reason=usage.finish_reason,
+                note="the answer could not be saved",
+            )
+            return TurnResult("answered", outcome.answer, message_ids, conversation.id)
+        await self._settle_turn(
+            progress.turn_id,
+            "answered",
+            finish_reason=usage.finish_reason,
+            note="cut at the reply limit" if cut else None,
         )
         self._in_background(policy.after_turn(self.store, conversation, self.provider))
-        return TurnResult("answered", answer, message_ids, conversation.id)
+        return TurnResult("answered", outcome.answer, message_ids, conversation.id)
+
+    async def _failed(
+        self, progress: _Progress, reply: ReplySink, message: str, detail: str
+    ) -> TurnResult:
+        """End a failed turn: its question is never sent again, and the user reads ``message``."""
+        progress.closing = True
+        question = progress.question
+        if question is not None:
+            await self._quietly(
+                "the failed question's status",
+                lambda: self.store.set_message_status(question.id, "failed"),
+            )
+        await reply.fail(message)
+        await self._settle_turn(progress.turn_id, "failed", note=detail)
+        return TurnResult("failed", message, conversation_id=progress.conversation_id)
+
+    async def _record_stop(self, progress: _Progress, note: str, *, interrupted: bool) -> None:
+        """A cancelled turn keeps what it showed, so roles alternate and nothing is asked twice."""
+        if progress.closing:
+            return  # the turn's outcome was being recorded when it was cancelled
+        question, conversation = progress.question, progress.conversation
+        if question is not None and conversation is not None:
+            shown = "".join(progress.parts)
+            status: MessageStatus = "interrupted" if interrupted else "stopped"
+            if shown.strip():
+                usage = progress.usage
+                await self._quietly(
+                    "the stopped answer",
+                    lambda: self.store.append(
+                        conversation,
+                        "assistant",
+                        shown,
+                        output_tokens=usage.output_tokens,
+                        model=self.provider.label[:200],
+                        status=status,
+                        turn_id=progress.turn_id,
+                    ),
+                )
+            else:
+                await self._quietly(
+                    "the stopped question's status",
+                    lambda: self.store.set_message_status(question.id, "failed"),
+                )
+        await self._settle_turn(
+            progress.turn_id, "interrupted" if interrupted else "stopped", note=note
+        )
+
+    async def _write(self, what: str, write: Callable[[], Awaitable[_T]]) -> _T:
+        """A write that matters, retried briefly when the database fails in passing."""
+        return await retry_write(write, what=what, sleep=self._sleep)
+
+    async def _quietly(self, what: str, write: Callable[[], Awaitable[object]]) -> None:
+        """A write that matters, retried; if it still fails the turn goes on (logged)."""
+        try:
+            await self._write(what, write)
+        except Exception:
+            log.exception("could not save %s", what)
+
+    async def _settle_turn(
+        self,
+        turn_id: int | None,
+        status: TurnStatus,
+        *,
+        finish_reason: str | None = None,
+        note: str | None = None,
+    ) -> None:
+        """Record a turn's progress or outcome on its durable record, when it has one."""
+        if turn_id is None:
+            return
+        await self._quietly(
+            f"turn {turn_id}'s status",
+            lambda: self.store.update_turn(
+                turn_id,
+                status=status,
+                finish_reason=finish_reason,
+                note=None if note is None else note[:MAX_TURN_NOTE_CHARS],
+            ),
+        )
+
+    def _context_tokens(self) -> int | None:
+        """The model's context window: the setting, else what its server said before."""
+        return self.settings.model_context_tokens or self._learned_context
 
     def _failure_message(self, error: ProviderError, conversation: Conversation) -> str:
         if isinstance(error, ProviderAuthError):
@@ -331,23 +695,18 @@ class ChatEngine:
                 error,
                 error.setting,
             )
-            return (
-                "I can't reach the language model: it refused the bot's credentials. "
-                f"An administrator needs to check the {error.setting} setting."
-            )
-        if isinstance(error, TransientProviderError):
+        elif isinstance(error, TransientProviderError):
             log.error(
                 "conversation %s: provider still failing after %d attempts: %s",
                 conversation.id,
                 self.retry.max_attempts,
                 error,
             )
-            return (
-                f"The language model is not answering right now ({_plain_reason(error)}); "
-                f"I tried {self.retry.max_attempts} times. Please try again in a minute."
+        else:
+            log.error(
+                "conversation %s: the provider refused the request: %s", conversation.id, error
             )
-        log.error("conversation %s: the provider refused the request: %s", conversation.id, error)
-        return f"The language model could not answer this: {error}"
+        return failure_message(error, self.retry.max_attempts)
 
     def _prune_events_now_and_then(self) -> None:
         # The dedupe table would otherwise grow by a row per message for ever.
@@ -368,6 +727,7 @@ class ChatEngine:
         task.add_done_callback(self._background.discard)
 
     async def _say(self, reply: ReplySink, text: str) -> None:
+        """A whole reply at once (a hint, a refusal)."""
         await reply.begin()
         reply.write(text)
         await reply.finish()
@@ -390,14 +750,27 @@ class ChatEngine:
         )
 
 
-def _plain_reason(error: TransientProviderError) -> str:
-    if error.status == 429:
-        return "it is rate-limiting us"
-    if error.status in (529, 503):
-        return "it is overloaded"
-    if error.status is not None and error.status >= 500:
-        return f"it answered with a server error {error.status}"
-    return str(error) or "the connection to it keeps failing"
+def _context_margin(context_tokens: int) -> int:
+    return max(MIN_CONTEXT_MARGIN_TOKENS, int(context_tokens * CONTEXT_MARGIN_SHARE))
+
+
+def _fitting(policy: HistoryPolicy, room: int, reserve: int) -> HistoryPolicy:
+    """``policy``'s kind of window (a summary stays in), within ``room`` less ``reserve``."""
+    if isinstance(policy, SummaryPolicy):
+        return SummaryPolicy(room, reserve, policy.counter)
+    return TokenBudgetPolicy(room, reserve, policy.counter)
+
+
+def _suggested_tokens(context_tokens: int | None) -> int:
+    """A ``history tokens`` / ``history summary`` figure that fits the context (0: unknown)."""
+    if context_tokens is None:
+        return 0
+    room = context_tokens - _context_margin(context_tokens)
+    return max(HISTORY_TOKENS_MIN, room // 100 * 100)
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
 
 
 def _in_seconds(wait: float) -> str:
@@ -408,6 +781,6 @@ def _retry_notice(
     attempt: int, max_attempts: int, wait: float, error: TransientProviderError
 ) -> str:
     return (
-        f"_The model stopped answering ({_plain_reason(error)}). "
+        f"_The model stopped answering ({plain_reason(error)}). "
         f"Retrying {_in_seconds(wait)} (attempt {attempt + 1} of {max_attempts})…_"
     )

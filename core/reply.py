@@ -15,21 +15,31 @@ class ReplySink(Protocol):
     (``core/streaming.py``) over their ``ReplySurface``. The engine calls, in order:
 
     - ``begin()`` once, as soon as the turn starts (show a thinking indicator).
+    - ``waiting(notice)`` when the turn must wait for another answer in the same conversation:
+      show ``notice`` in place of the thinking indicator; ``waiting(None)`` when its turn comes
+      (back to the thinking indicator until text arrives).
     - ``write(delta)`` for each text delta, never blocking on the platform.
     - ``retrying(notice)`` when a provider attempt failed and another follows: the text written so
       far is discarded (the next attempt replaces it) and ``notice`` is shown while waiting.
-    - then exactly one of ``finish()`` (the reply is complete: make the final text land exactly,
-      return the platform message ids), ``fail(message)`` (show a plain-words error instead of,
-      or after, the partial text) or ``cancel(note)`` (the turn was cancelled: end cleanly).
+    - then exactly one of ``finish(note)`` (the reply is complete: make the final text land
+      exactly, with ``note`` after it when given and any open code block closed before it; return
+      the platform message ids), ``fail(message)`` (show a plain-words error instead of, or after,
+      the partial text) or ``cancel(note)`` (the turn was cancelled: end cleanly).
+    - after ``finish``, at most one ``amend(note)``: something went wrong after the answer was
+      shown (it could not be saved); add ``note`` after the final text.
     """
 
     async def begin(self) -> None: ...
+
+    async def waiting(self, notice: str | None) -> None: ...
 
     def write(self, delta: str) -> None: ...
 
     async def retrying(self, notice: str) -> None: ...
 
-    async def finish(self) -> list[str]: ...
+    async def finish(self, note: str | None = None) -> list[str]: ...
+
+    async def amend(self, note: str) -> None: ...
 
     async def fail(self, message: str) -> None: ...
 
@@ -44,11 +54,18 @@ class CollectingSink:
         self.notices: list[str] = []
         self.error: str | None = None
         self.cancelled: str | None = None
+        # The notice shown while the turn waited for another answer (kept after the wait).
+        self.waited: str | None = None
+        self.note: str | None = None
         self.begun = False
         self.finished = False
 
     async def begin(self) -> None:
         self.begun = True
+
+    async def waiting(self, notice: str | None) -> None:
+        if notice is not None:
+            self.waited = notice
 
     def write(self, delta: str) -> None:
         self.text += delta
@@ -57,9 +74,13 @@ class CollectingSink:
         self.notices.append(notice)
         self.text = ""
 
-    async def finish(self) -> list[str]:
+    async def finish(self, note: str | None = None) -> list[str]:
         self.finished = True
+        self.note = note
         return []
+
+    async def amend(self, note: str) -> None:
+        self.note = note if self.note is None else f"{self.note}\n\n{note}"
 
     async def fail(self, message: str) -> None:
         self.error = message

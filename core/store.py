@@ -13,12 +13,12 @@ import fcntl
 import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -880,13 +880,16 @@ class ConversationStore:
             await session.flush()
             return _turn(row)
 
-    async def turn_messages(self, turn_id: int) -> set[str]:
-        """The roles of the messages a turn has stored so far (a taken-over turn goes on)."""
+    async def turn_question(self, turn_id: int) -> StoredMessage | None:
+        """The question a turn stored, if it got that far (a taken-over turn goes on from it)."""
         async with self._sessions() as session:
-            roles = await session.scalars(
-                select(MessageRow.role).where(MessageRow.turn_id == turn_id).distinct()
+            row = await session.scalar(
+                select(MessageRow)
+                .where(MessageRow.turn_id == turn_id, MessageRow.role == "user")
+                .order_by(MessageRow.id)
+                .limit(1)
             )
-            return set(roles)
+            return _message(row) if row is not None else None
 
     async def get_turn(self, turn_id: int) -> TurnRecord:
         async with self._sessions() as session:
@@ -1160,3 +1163,52 @@ def database_errors() -> Iterator[None]:
         if error.connection_invalidated:
             raise StoreUnavailableError(f"database connection lost: {error.orig}") from error
         raise
+
+
+# -- retrying the writes that matter ---------------------------------------------------------------
+
+#: Waits before the second and third attempt of a write that matters (a question, an answer),
+#: in seconds: short, since a user is waiting, and enough for a lock to clear or a pool to
+#: replace a dropped connection.
+WRITE_RETRY_WAITS = (0.2, 1.0)
+
+_T = TypeVar("_T")
+
+
+def is_passing_database_error(error: BaseException) -> bool:
+    """Whether a failed write may succeed when tried again: the database was busy or unreachable
+    or the connection dropped; never for a refused statement (a constraint, a bad query)."""
+    if isinstance(error, DBAPIError):
+        return error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)
+    return isinstance(error, ConnectionError | TimeoutError)
+
+
+async def retry_write(
+    write: Callable[[], Awaitable[_T]],
+    *,
+    what: str,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> _T:
+    """``write()``, tried again after ``WRITE_RETRY_WAITS`` when the database fails in passing.
+
+    The last failure is raised as itself; ``what`` names the write in the log.
+    """
+    waits = iter(WRITE_RETRY_WAITS)
+    attempt = 1
+    while True:
+        try:
+            return await write()
+        except Exception as error:
+            wait = next(waits, None)
+            if wait is None or not is_passing_database_error(error):
+                raise
+            log.warning(
+                "saving %s failed (attempt %d of %d): %s; trying again in %.1f s",
+                what,
+                attempt,
+                len(WRITE_RETRY_WAITS) + 1,
+                " ".join(str(getattr(error, "orig", None) or error).split()),
+                wait,
+            )
+            attempt += 1
+            await sleep(wait)

@@ -231,6 +231,14 @@ class ReplyStreamer:
         if self._pump_task is None:
             self._pump_task = asyncio.create_task(self._pump())
 
+    async def waiting(self, notice: str | None) -> None:
+        """Show ``notice`` while the turn waits for another answer; None: back to thinking."""
+        if self._phase != _STREAMING or self._parts:
+            return
+        self._notice = notice
+        self._replan.set()
+        self._wake.set()
+
     def write(self, delta: str) -> None:
         """Add generated text; never waits on the platform."""
         if not delta or self._phase != _STREAMING:
@@ -249,9 +257,19 @@ class ReplyStreamer:
         self._replan.set()
         self._wake.set()
 
-    async def finish(self) -> list[str]:
-        """Land the exact final text everywhere and return the platform message ids."""
-        return await self._close(_FINISHED, None)
+    async def finish(self, note: str | None = None) -> list[str]:
+        """Land the exact final text everywhere (``note`` after it) and return the message ids."""
+        return await self._close(_FINISHED, note)
+
+    async def amend(self, note: str) -> None:
+        """Add ``note`` after a finished reply's text (the one later change a reply takes)."""
+        if self._phase != _FINISHED or self._gave_up:
+            return
+        self._note = note if self._note is None else f"{self._note}\n\n{note}"
+        if self._pump_task is not None and self._pump_task.done():
+            # The pump ended with the final text; one more round lands the note.
+            self._pump_task = None
+        await self._close(_FINISHED, None)
 
     async def fail(self, message: str) -> None:
         """End the reply with ``message`` after the partial text (if any)."""
@@ -320,7 +338,7 @@ class ReplyStreamer:
                 targets.append(_Target(render(EMPTY_ANSWER_TEXT), True))
             elif self._notice is not None:
                 targets.append(_Target(render(self._notice), False))
-            elif self._append is not None:
+            elif self._append is not None and not self._messages:
                 # A native stream shows its own "working" state; appended text cannot be removed.
                 targets.append(_Target("", False))
             elif not (self._typing and not self._messages):

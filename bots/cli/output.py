@@ -14,6 +14,8 @@ import os
 import re
 from typing import TYPE_CHECKING, TextIO
 
+from core.splitting import fence_at_end
+
 if TYPE_CHECKING:  # rich costs start-up time: loaded only when a terminal shows the answer
     from rich.console import Console, ConsoleOptions, RenderResult
     from rich.live import Live
@@ -28,6 +30,12 @@ THINKING = "thinking…"
 
 # An opening or closing code fence: three or more backticks or tildes (CommonMark).
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+
+
+def closing_fence(answer: str) -> str:
+    """What closes a code block ``answer`` leaves open ("" when none is open)."""
+    fence = fence_at_end(answer + "\n")
+    return "" if fence is None else fence.close(answer) + "\n"
 
 
 def silence(stream: TextIO) -> None:
@@ -49,6 +57,8 @@ class PlainReply:
         # Set when whoever reads our output went away (``threadbot chat | head -1``).
         self.closed = False
         self._at_line_start = True
+        # The answer so far (this attempt), to close a code block it leaves open before a note.
+        self._answer: list[str] = []
 
     def _print(self, text: str) -> None:
         if self.closed:
@@ -71,17 +81,32 @@ class PlainReply:
         if self.interactive:
             self._print(BOT_PROMPT)
 
+    async def waiting(self, notice: str | None) -> None:
+        if notice is not None:
+            self._newline()
+            self._print(f"[{notice.strip('_')}]\n")
+
     def write(self, delta: str) -> None:
+        self._answer.append(delta)
         self._print(delta)
 
     async def retrying(self, notice: str) -> None:
         # A terminal cannot take back printed text: say that the answer starts over.
+        self._answer.clear()
         self._newline()
         self._print(f"[{notice.strip('_')} The answer starts over.]\n")
 
-    async def finish(self) -> list[str]:
+    async def finish(self, note: str | None = None) -> list[str]:
+        if note is not None:
+            self._print(closing_fence("".join(self._answer)))
+            self._newline()
+            self._print(f"[{note.strip('_')}]\n")
         self._newline()
         return []
+
+    async def amend(self, note: str) -> None:
+        self._newline()
+        self._print(f"[{note.strip('_')}]\n")
 
     async def fail(self, message: str) -> None:
         self.failed = True
@@ -191,6 +216,8 @@ class MarkdownReply:
     async def begin(self) -> None:
         from rich.live import Live
 
+        if self._live is not None:
+            return
         # Redrawn by our own ticker on the event loop, not rich's refresh thread: a redraw racing
         # a block being printed above the live region leaves stray lines on the screen.
         self._live = Live(
@@ -209,6 +236,10 @@ class MarkdownReply:
             await asyncio.sleep(1 / LIVE_REFRESH_PER_SECOND)
             live.refresh()
 
+    async def waiting(self, notice: str | None) -> None:
+        if notice is not None:
+            self.console.print(f"[{notice.strip('_')}]", markup=False, highlight=False, style="dim")
+
     def write(self, delta: str) -> None:
         for block in self.blocks.feed(delta):
             self._print_block(block)
@@ -218,9 +249,18 @@ class MarkdownReply:
         self.blocks.flush()
         self.console.print(f"[{notice.strip('_')} The answer starts over.]", markup=False)
 
-    async def finish(self) -> list[str]:
-        self._end()
+    async def finish(self, note: str | None = None) -> list[str]:
+        # A note after an answer cut inside a code block must not render as code.
+        self._end(close_fence=note is not None)
+        if note is not None:
+            self._note(note)
         return []
+
+    async def amend(self, note: str) -> None:
+        self._note(note)
+
+    def _note(self, note: str) -> None:
+        self.console.print(f"[{note.strip('_')}]", markup=False, highlight=False)
 
     async def fail(self, message: str) -> None:
         self.failed = True
@@ -241,8 +281,11 @@ class MarkdownReply:
             self._live.stop()
             self._live = None
 
-    def _end(self) -> None:
+    def _end(self, *, close_fence: bool = False) -> None:
+        fence = self.blocks.open_fence if close_fence else None
         rest = self.blocks.flush()
+        if fence is not None:
+            rest += ("" if rest.endswith("\n") else "\n") + fence
         self.close()
         if rest.strip():
             self._print_block(rest)

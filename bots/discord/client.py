@@ -191,6 +191,8 @@ class DiscordBot(discord.Client):
         assert self.application_id is not None
         self.announce(f"Invite the bot to a server: {invite_url(self.application_id)}")
         self.commands_synced = await self.sync_commands()
+
+    async def on_ready(self) -> None:
         # Replies a process that died left unfinished are finished (now and from time to time).
         self.door.start_recovery()
 

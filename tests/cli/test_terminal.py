@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli.test_cli import chat_env, run_chat
-from tests.wire.llm_server import LLMServerProcess, answer
+from tests.wire.llm_server import LLMServerProcess, answer, slow
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX pseudo-terminals")
 
@@ -245,3 +245,32 @@ def test_piped_output_stays_the_plain_markdown_text(
 def _words(text: str) -> list[str]:
     words = text.split(" ")
     return [w + " " for w in words[:-1]] + [words[-1]]
+
+
+def test_ctrl_c_keeps_the_shown_part_and_the_next_question_is_asked_once(
+    tmp_path: Path, llm_process: LLMServerProcess
+) -> None:
+    story = " ".join(f"word{n}" for n in range(200))
+    llm_process.enqueue(slow(0.1, story))
+    before = len(llm_process.requests())
+    terminal = Terminal(tmp_path, OPENAI_BASE_URL=llm_process.openai_base_url)
+    try:
+        terminal.read_until(PROMPT)
+        terminal.send("tell me a long story\r")
+        terminal.read_until("word3 ")
+        terminal.send(CTRL_C)
+        terminal.read_until("[stopped]")
+        terminal.read_until(PROMPT)
+        terminal.send("and now something short\r")
+        terminal.read_until("You said: and now something short")
+        terminal.read_until(PROMPT)
+        terminal.send(CTRL_D)
+        assert terminal.wait() == 0
+    finally:
+        terminal.close()
+    _, second = llm_process.requests()[before:]
+    sent = [(m["role"], m["content"]) for m in second["body"]["messages"] if m["role"] != "system"]
+    assert [role for role, _ in sent] == ["user", "assistant", "user"]
+    assert sent[0][1] == "tell me a long story" and sent[2][1] == "and now something short"
+    partial = sent[1][1]
+    assert partial.startswith("word0 word1 word2 word3") and len(partial) < len(story)

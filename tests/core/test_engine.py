@@ -30,6 +30,25 @@ async def stored(store: ConversationStore, key: ConversationKey = KEY) -> list[t
     return [(m.role, m.content) for m in await store.history(conversation, limit=None)]
 
 
+async def every_message(
+    store: ConversationStore, key: ConversationKey = KEY
+) -> list[tuple[str, str, str | None]]:
+    """Every stored message of every generation, with its status (the history leaves some out)."""
+    from sqlalchemy import select
+
+    from core.store import MessageRow
+
+    conversation = await store.find(key)
+    assert conversation is not None
+    query = (
+        select(MessageRow.role, MessageRow.content, MessageRow.status)
+        .where(MessageRow.conversation_id == conversation.id)
+        .order_by(MessageRow.id)
+    )
+    async with store.engine.connect() as conn:
+        return [(row.role, row.content, row.status) for row in await conn.execute(query)]
+
+
 async def test_a_turn_streams_and_stores_both_messages(
     engine: ChatEngine, provider: OfflineProvider, store: ConversationStore
 ) -> None:
@@ -153,7 +172,9 @@ async def test_exhausted_attempts_end_in_plain_words_and_store_no_answer(
     assert len(provider.requests) == 4 and len(recorded_sleep.waits) == 3
     waits = recorded_sleep.waits
     assert waits == sorted(waits) and max(waits) <= 5
-    assert await stored(store) == [("user", "hi")]
+    # The question stays on record, marked failed: it is never sent with the next one.
+    assert await every_message(store) == [("user", "hi", "failed")]
+    assert await stored(store) == []
 
 
 @pytest.mark.parametrize(
@@ -199,7 +220,7 @@ async def test_empty_answer_is_reported_not_stored(
     sink = CollectingSink()
     assert (await engine.handle(message("hi"), sink)).status == "failed"
     assert sink.error and "empty answer" in sink.error
-    assert await stored(store) == [("user", "hi")]
+    assert await every_message(store) == [("user", "hi", "failed")]
 
 
 async def test_system_prompt_precedence_conversation_then_channel_then_default(
