@@ -4,7 +4,7 @@ text conversions of bots/slack/formatting.py."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -90,6 +90,46 @@ async def test_server_errors_and_dropped_connections_are_transient(fake: FakeSla
     unreachable = await surface_for(fake, url)
     with pytest.raises(TransientSurfaceError):
         await unreachable.post("anyone?")
+
+
+#: What a proxy or load balancer in front of Slack answers instead of Slack's JSON.
+HTML_503 = "<html><head><title>503 Service Unavailable</title></head><body>busy</body></html>"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "content_type", "expected"),
+    [
+        (502, "Bad Gateway", "text/plain", TransientSurfaceError),
+        (503, HTML_503, "text/html", TransientSurfaceError),
+        (504, "", None, TransientSurfaceError),
+        (500, "{truncated", "application/json", TransientSurfaceError),
+        (408, "Request Timeout", "text/plain", TransientSurfaceError),
+        (200, "upstream says hello", "text/plain", TransientSurfaceError),
+        (200, HTML_503, "text/html", TransientSurfaceError),
+        (429, "Too Many Requests", "text/plain", SurfaceRateLimited),
+        (403, "<html>Forbidden</html>", "text/html", PermanentSurfaceError),
+    ],
+)
+async def test_any_body_from_a_proxy_is_translated_by_its_status(
+    status: int, body: str, content_type: str | None, expected: type[Exception]
+) -> None:
+    async with FakeSlack(limits={}) as fake:
+        surface = await surface_for(fake)
+        message_id = await surface.post("hello")
+        calls: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("chat.postMessage", lambda: surface.post("again")),
+            ("chat.update", lambda: surface.edit(message_id, "edited")),
+            ("chat.appendStream", lambda: surface.append(message_id, "more")),
+        ]
+        for method, call in calls:
+            headers = {"Retry-After": "7"} if status == 429 else None
+            fake.answer_next(method, status, body, content_type=content_type, headers=headers)
+            with pytest.raises(expected) as caught:
+                await call()
+            if isinstance(caught.value, SurfaceRateLimited):
+                assert caught.value.retry_after == 7
+            if isinstance(caught.value, PermanentSurfaceError):
+                assert caught.value.code == f"http_{status}"
 
 
 async def test_other_errors_are_permanent_with_slacks_code(fake: FakeSlack) -> None:
