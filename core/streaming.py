@@ -68,7 +68,9 @@ class AppendReplySurface(ReplySurface, Protocol):
     - Like every surface: ``SurfaceRateLimited`` on a 429, ``TransientSurfaceError`` for 5xx and
       timeouts; never sleeps or retries on its own. Rendering must be chunk-safe for appends:
       ``render(a + b) == render(a) + render(b)`` at the boundaries the streamer appends at
-      (Slack ``markdown_text`` takes Markdown as is, so ``render`` is the identity there).
+      (Slack's ``render`` only rewrites whole mention tokens). Where a boundary cuts such a
+      token, the rendered text no longer extends what was appended: the streamer then stops
+      the stream and lands the exact text with ``edit``, as for any correction.
     """
 
     native_scope: str

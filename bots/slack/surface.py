@@ -32,7 +32,12 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
-from bots.slack.formatting import MAX_MARKDOWN_CHARS, fallback_text, markdown_blocks
+from bots.slack.formatting import (
+    MAX_MARKDOWN_CHARS,
+    fallback_text,
+    markdown_blocks,
+    neutralise_mentions,
+)
 from core.errors import (
     PermanentSurfaceError,
     SurfaceError,
@@ -222,8 +227,8 @@ class SlackReply:
         self.rate_scale = rate_scale
 
     def render(self, text: str) -> str:
-        """Identity: Slack renders standard Markdown in markdown blocks and markdown_text."""
-        return text
+        """The model's Markdown as sent (Slack renders it), with its mentions made silent."""
+        return neutralise_mentions(text)
 
     def scopes(self, call: str) -> tuple[RateScope, ...]:
         team, s = self.target.team, self.rate_scale
@@ -254,6 +259,9 @@ class SlackReply:
         raise ValueError(f"unknown Slack surface call {call!r}")
 
     async def post(self, text: str) -> str:
+        # Every method silences mentions itself too (a no-op on rendered text), so no caller
+        # can post a ping by skipping ``render``.
+        text = neutralise_mentions(text)
         kwargs: dict[str, Any] = {
             "channel": self.target.channel,
             "text": fallback_text(text),
@@ -271,6 +279,7 @@ class SlackReply:
 
     async def edit(self, message_id: str, text: str) -> None:
         channel, ts = split_message_id(message_id)
+        text = neutralise_mentions(text)
         kwargs = {
             "channel": channel,
             "ts": ts,
@@ -306,7 +315,7 @@ class SlackReply:
             "recipient_team_id": self.target.user_team,
         }
         if text:
-            kwargs["markdown_text"] = text
+            kwargs["markdown_text"] = neutralise_mentions(text)
         response = await self._call(
             "start", "chat.startStream", self.client.chat_startStream, kwargs
         )
@@ -316,12 +325,12 @@ class SlackReply:
         if not delta:
             return
         channel, ts = split_message_id(message_id)
-        kwargs = {"channel": channel, "ts": ts, "markdown_text": delta}
+        kwargs = {"channel": channel, "ts": ts, "markdown_text": neutralise_mentions(delta)}
         await self._call("append", "chat.appendStream", self.client.chat_appendStream, kwargs)
 
     async def stop(self, message_id: str, delta: str) -> None:
         channel, ts = split_message_id(message_id)
         kwargs: dict[str, Any] = {"channel": channel, "ts": ts}
         if delta:
-            kwargs["markdown_text"] = delta
+            kwargs["markdown_text"] = neutralise_mentions(delta)
         await self._call("stop", "chat.stopStream", self.client.chat_stopStream, kwargs)
