@@ -231,29 +231,28 @@ class FrontDoor:
 
     async def answer(self, incoming: IncomingMessage, surface: ReplySurface) -> TurnResult:
         """Answer ``incoming`` into ``surface``: the streamer, its budgets, native admission."""
-        scope = self._native_scope(surface)
-        streamer = ReplyStreamer(
-            surface,
-            self.budgets,
-            native=self.profile.native if scope is not None else None,
-            on_native_refused=self._native_refused_by,
-            typing_refresh=self.profile.typing_refresh,
-            log_context=str(incoming.key),
-        )
-        if scope is not None:
-            self._native_in_flight[scope] += 1
+        scope = await self._native_scope(surface)
         try:
+            streamer = ReplyStreamer(
+                surface,
+                self.budgets,
+                native=self.profile.native if scope is not None else None,
+                on_native_refused=self._native_refused_by,
+                typing_refresh=self.profile.typing_refresh,
+                log_context=str(incoming.key),
+            )
             return await self.engine.handle(incoming, streamer)
         finally:
             if scope is not None:
                 self._native_in_flight[scope] -= 1
 
-    def _native_scope(self, surface: ReplySurface) -> str | None:
-        """The scope this reply streams natively in, or None for the edit path.
+    async def _native_scope(self, surface: ReplySurface) -> str | None:
+        """The scope this reply streams natively in (counted in flight), or None for edits.
 
         ``auto`` streams natively except in scopes that refused it and under load: beyond
-        ``NativeStreams.per_scope`` streams at once, or while a start or stop would queue for
-        its budget, replies take the edit path instead of waiting for a stream.
+        ``NativeStreams.per_scope`` streams at once, or while a start or stop would wait for its
+        budget, in this process or in the budgets shared with other workers (answers of one
+        thread would otherwise land out of order), replies take the edit path instead.
         """
         native, mode = self.profile.native, self.profile.native_mode
         if native is None or mode == "never" or not isinstance(surface, AppendReplySurface):
@@ -261,16 +260,24 @@ class FrontDoor:
         scope = surface.native_scope
         if not scope:
             return None
+        if mode == "auto" and (
+            scope in self._native_refused or self._native_in_flight[scope] >= native.per_scope
+        ):
+            return None
+        # Counted before asking the shared budgets, so concurrent replies cannot all pass.
+        self._native_in_flight[scope] += 1
         if mode == "always":
             return scope
-        if scope in self._native_refused or self._native_in_flight[scope] >= native.per_scope:
+        limits = [limit for call in ("start", "stop") for limit in surface.scopes(call)]
+        try:
+            idle = await self.budgets.idle(limits)
+        except BaseException:
+            self._native_in_flight[scope] -= 1
+            raise
+        if not idle:
+            self._native_in_flight[scope] -= 1
             return None
-        idle = all(
-            self.budgets.budget(limit).waiting == 0 and self.budgets.budget(limit).delay() == 0
-            for call in ("start", "stop")
-            for limit in surface.scopes(call)
-        )
-        return scope if idle else None
+        return scope
 
     def _native_refused_by(self, scope: str) -> None:
         if self.profile.native_mode != "auto":
