@@ -367,7 +367,8 @@ class FrontDoor:
         taken over from a worker that died, edited in place.
         """
         turn_id = incoming.turn_id
-        scope = None if resume else self._native_scope(surface)
+        # Counted in flight by _native_scope when it says yes; uncounted below.
+        scope = None if resume else await self._native_scope(surface)
         streamer = ReplyStreamer(
             surface,
             self.budgets,
@@ -381,8 +382,6 @@ class FrontDoor:
         if turn_id is not None and isinstance(surface, PlacedSurface):
             self._in_background(self.engine.store.update_turn(turn_id, reply_to=surface.place))
         lease = None if turn_id is None else asyncio.create_task(self._hold_lease(turn_id))
-        if scope is not None:
-            self._native_in_flight[scope] += 1
         try:
             return await self.engine.handle(incoming, streamer)
         finally:
@@ -484,12 +483,13 @@ class FrontDoor:
         problem = await self.engine.store.ping()
         return None if problem is None else f"database unreachable ({problem})"
 
-    def _native_scope(self, surface: ReplySurface) -> str | None:
-        """The scope this reply streams natively in, or None for the edit path.
+    async def _native_scope(self, surface: ReplySurface) -> str | None:
+        """The scope this reply streams natively in (counted in flight), or None for edits.
 
         ``auto`` streams natively except in scopes that refused it and under load: beyond
-        ``NativeStreams.per_scope`` streams at once, or while a start or stop would queue for
-        its budget, replies take the edit path instead of waiting for a stream.
+        ``NativeStreams.per_scope`` streams at once, or while a start or stop would wait for its
+        budget, in this process or in the budgets shared with other workers (answers of one
+        thread would otherwise land out of order), replies take the edit path instead.
         """
         native, mode = self.profile.native, self.profile.native_mode
         if native is None or mode == "never" or not isinstance(surface, AppendReplySurface):
@@ -497,16 +497,24 @@ class FrontDoor:
         scope = surface.native_scope
         if not scope:
             return None
+        if mode == "auto" and (
+            scope in self._native_refused or self._native_in_flight[scope] >= native.per_scope
+        ):
+            return None
+        # Counted before asking the shared budgets, so concurrent replies cannot all pass.
+        self._native_in_flight[scope] += 1
         if mode == "always":
             return scope
-        if scope in self._native_refused or self._native_in_flight[scope] >= native.per_scope:
+        limits = [limit for call in ("start", "stop") for limit in surface.scopes(call)]
+        try:
+            idle = await self.budgets.idle(limits)
+        except BaseException:
+            self._native_in_flight[scope] -= 1
+            raise
+        if not idle:
+            self._native_in_flight[scope] -= 1
             return None
-        idle = all(
-            self.budgets.budget(limit).waiting == 0 and self.budgets.budget(limit).delay() == 0
-            for call in ("start", "stop")
-            for limit in surface.scopes(call)
-        )
-        return scope if idle else None
+        return scope
 
     def _native_refused_by(self, scope: str) -> None:
         if self.profile.native_mode != "auto":

@@ -53,7 +53,9 @@ class SharedLimiter(Protocol):
     time, on the backend's own clock so processes on different hosts agree); callers pass the
     rate each time, so a rate learnt from headers applies at once. ``pause(key, seconds)`` stops
     the scope for every process (a 429's Retry-After): ``take`` answers the time left, and when
-    the pause ends one call may go, then the rate. Implementations raise on backend failure;
+    the pause ends one call may go, then the rate. ``available(key, per_second, burst)`` answers
+    what ``take`` would (0, or the seconds to wait) without taking anything: a look at the
+    bucket every process shares. Implementations raise on backend failure;
     ``Budgets`` catches that and paces in the process. ``setting`` names the setting an operator
     checks when the backend fails. ``aclose()`` releases the connections the limiter owns.
     """
@@ -61,6 +63,8 @@ class SharedLimiter(Protocol):
     setting: str
 
     async def take(self, key: str, per_second: float, burst: int) -> float: ...
+
+    async def available(self, key: str, per_second: float, burst: int) -> float: ...
 
     async def pause(self, key: str, seconds: float) -> None: ...
 
@@ -117,6 +121,18 @@ class SharedGuard:
         # NaN or a negative answer is no reason to stop a reply.
         return wait if wait > SHARED_EPSILON and math.isfinite(wait) else 0.0
 
+    async def available(self, key: str, per_second: float, burst: int) -> float:
+        """Seconds a take would wait now, taking nothing; 0 when it would go (or the backend
+        failed: then only the process's own budget can tell)."""
+        if not self._usable():
+            return 0.0
+        try:
+            call = self.limiter.available(key, per_second, burst)
+            wait = await asyncio.shield(self._start(call))
+        except Exception:
+            return 0.0  # logged by _settled
+        return wait if wait > SHARED_EPSILON and math.isfinite(wait) else 0.0
+
     def pause(self, key: str, seconds: float) -> None:
         """Tell every process about a 429, in a task (callers are synchronous)."""
         if not self._usable():
@@ -162,6 +178,8 @@ class RateBudgetStore(Protocol):
 
     async def take_rate_token(self, key: str, per_second: float, burst: int) -> float: ...
 
+    async def peek_rate_token(self, key: str, per_second: float, burst: int) -> float: ...
+
     async def pause_rate_scope(self, key: str, seconds: float) -> None: ...
 
     async def prune_rate_budgets(self, idle_seconds: float = ...) -> int: ...
@@ -192,6 +210,9 @@ class StoreLimiter:
                 log.warning("pruning idle shared rate-limit budgets failed: %s", error)
         return wait
 
+    async def available(self, key: str, per_second: float, burst: int) -> float:
+        return await self._store.peek_rate_token(key, per_second, burst)
+
     async def pause(self, key: str, seconds: float) -> None:
         await self._store.pause_rate_scope(key, seconds)
 
@@ -221,6 +242,20 @@ local last = math.max(tat, paused + tau)
 redis.call('PEXPIRE', KEYS[1], math.ceil((last - now + tonumber(ARGV[4])) * 1000))
 return '0'
 """
+# KEYS[1]: the bucket's hash; ARGV: tolerance, epsilon. The take's arithmetic, writing nothing.
+_REDIS_PEEK = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local tau = tonumber(ARGV[1])
+local state = redis.call('HMGET', KEYS[1], 'tat', 'paused_until')
+local tat = tonumber(state[1]) or now
+local paused = tonumber(state[2]) or 0
+local wait = math.max(tat, now, paused + tau) - tau - now
+if wait > tonumber(ARGV[2]) then
+  return string.format('%.6f', wait)
+end
+return '0'
+"""
 # KEYS[1]: the bucket's hash; ARGV: seconds to pause, TTL margin.
 _REDIS_PAUSE = """
 local t = redis.call('TIME')
@@ -248,6 +283,7 @@ class RedisLimiter:
         self.prefix = prefix
         self._take = client.register_script(_REDIS_TAKE)
         self._pause = client.register_script(_REDIS_PAUSE)
+        self._peek = client.register_script(_REDIS_PEEK)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = REDIS_KEY_PREFIX) -> RedisLimiter:
@@ -280,6 +316,14 @@ class RedisLimiter:
                 repr(SHARED_EPSILON),
                 repr(REDIS_TTL_MARGIN_SECONDS),
             ],
+        )
+        return max(0.0, float(answer))
+
+    async def available(self, key: str, per_second: float, burst: int) -> float:
+        interval = 1.0 / per_second
+        answer = await self._peek(
+            keys=[self.prefix + key],
+            args=[repr((max(1, burst) - 1) * interval), repr(SHARED_EPSILON)],
         )
         return max(0.0, float(answer))
 

@@ -409,6 +409,21 @@ class Budgets:
         for scope in sorted(set(scopes), key=lambda s: s.key):
             await self.budget(scope).acquire(urgent=urgent, progress=progress)
 
+    async def idle(self, scopes: Iterable[RateScope]) -> bool:
+        """Whether a call in every scope could go now without queueing: nobody waits for it in
+        this process, its own bucket has a token, and the bucket shared with other processes
+        (if any) has one too. Takes nothing."""
+        budgets = [self.budget(scope) for scope in set(scopes)]
+        if any(budget.waiting or budget.delay() for budget in budgets):
+            return False
+        if self._shared is None:
+            return True
+        shared = self._shared
+        waits = await asyncio.gather(
+            *(shared.available(b.key, b.per_second, b.burst) for b in budgets)
+        )
+        return not any(waits)
+
     def pause(self, key: str, seconds: float) -> None:
         """A 429 on ``key``: every reply in the scope waits ``seconds``, in every process."""
         budget = self._budgets.get(key)

@@ -1052,6 +1052,21 @@ class ConversationStore:
             )
         return max(0.0, float(wait or 0.0))
 
+    async def peek_rate_token(self, key: str, per_second: float, burst: int) -> float:
+        """Seconds a take from the shared bucket of ``key`` would wait now (0: it would go).
+
+        Read-only: the same GCRA arithmetic as ``take_rate_token``, without taking. PostgreSQL
+        only.
+        """
+        self._require_postgres()
+        interval = 1.0 / per_second
+        async with self.engine.connect() as conn:
+            wait = await conn.scalar(
+                _PEEK_RATE_TOKEN, {"key": key, "tau": (max(1, burst) - 1) * interval}
+            )
+        wait = float(wait or 0.0)
+        return wait if wait > RATE_EPSILON_SECONDS else 0.0
+
     async def pause_rate_scope(self, key: str, seconds: float) -> None:
         """Hold every process's calls in ``key`` for ``seconds`` (a 429's Retry-After)."""
         self._require_postgres()
@@ -1113,6 +1128,13 @@ ON CONFLICT (key) DO UPDATE SET
         THEN 0 ELSE {_GCRA_WAIT} END,
     checked_at = EXCLUDED.checked_at
 RETURNING last_wait"""
+)
+# No row: the bucket is full (a take would go at once).
+_PEEK_RATE_TOKEN = text(
+    f"""{_DB_CLOCK}
+SELECT greatest(b.tat, clock.now, b.paused_until + CAST(:tau AS double precision))
+    - CAST(:tau AS double precision) - clock.now
+FROM rate_budgets AS b, clock WHERE b.key = :key"""
 )
 _PAUSE_RATE_SCOPE = text(
     f"""{_DB_CLOCK}

@@ -68,7 +68,9 @@ class AppendReplySurface(ReplySurface, Protocol):
     - Like every surface: ``SurfaceRateLimited`` on a 429, ``TransientSurfaceError`` for 5xx and
       timeouts; never sleeps or retries on its own. Rendering must be chunk-safe for appends:
       ``render(a + b) == render(a) + render(b)`` at the boundaries the streamer appends at
-      (Slack ``markdown_text`` takes Markdown as is, so ``render`` is the identity there).
+      (Slack's ``render`` only rewrites whole mention tokens). Where a boundary cuts such a
+      token, the rendered text no longer extends what was appended: the streamer then stops
+      the stream and lands the exact text with ``edit``, as for any correction.
     """
 
     native_scope: str
@@ -124,6 +126,8 @@ class _Message:
     shown: str
     live: bool
     started: float
+    #: A live stream that may take no more appends (one failed): stop it, then edit.
+    broken: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,7 +378,12 @@ class ReplyStreamer:
             if message.live:
                 assert self._native is not None
                 aged = self._now() - message.started >= self._native.max_age_seconds
-                if aged or target.complete or not target.text.startswith(message.shown):
+                if (
+                    message.broken
+                    or aged
+                    or target.complete
+                    or not target.text.startswith(message.shown)
+                ):
                     return ("stop", index)
                 if target.text != message.shown:
                     return ("append", index)
@@ -403,10 +412,17 @@ class ReplyStreamer:
                         continue
                     await self._wake.wait()
                     continue
-                if await self._step(*plan):
+                try:
+                    done = await self._step(*plan)
+                except PermanentSurfaceError as exc:
+                    if not self._leave_native(*plan, f"{exc} (code {exc.code})"):
+                        raise
+                    continue
+                if done:
                     self._failures = 0
                     continue
                 self._failures += 1
+                self._leave_native(*plan, "attempts exhausted")
                 if self._failures >= self._max_failed_calls:
                     self._give_up("platform calls keep failing")
                     return
@@ -418,6 +434,29 @@ class ReplyStreamer:
             # A bug here must not hang finish() or lose the answer: log it and stop updating.
             log.exception("reply %s: the streamer failed", self._log_context)
             self._give_up("unexpected error in the streamer")
+
+    def _leave_native(self, kind: str, index: int, reason: str) -> bool:
+        """After a native-stream call failed for good, land the answer on the edit path instead.
+
+        A failed ``start`` posts instead; a failed ``append`` stops the stream (the stop carries
+        the rest); a failed ``stop`` leaves the stream as it is and ``edit`` lands the exact
+        text (Slack ends a stream nobody stops after about 5 minutes). False for other calls.
+        """
+        if kind not in ("start", "append", "stop") or self._append is None:
+            return False
+        log.warning(
+            "reply %s: native stream %s failed (%s); finishing with edits",
+            self._log_context,
+            kind,
+            reason,
+        )
+        if kind == "append":
+            self._messages[index].broken = True
+            return True
+        if kind == "stop":
+            self._messages[index].live = False
+        self._append = None
+        return True
 
     async def _show_typing(self) -> bool:
         try:
@@ -581,6 +620,9 @@ class ReplyStreamer:
                 await native.stop(message.id, delta)  # type: ignore[union-attr]
                 message.shown += delta
                 message.live = False
+                if message.broken:
+                    # The stream failed once: the rest of this reply takes the edit path.
+                    self._append = None
         except PermanentSurfaceError as exc:
             if self._native is None or exc.code != self._native.ended_code:
                 raise

@@ -74,7 +74,8 @@ def channel_scopes(channel_id: int | str, call: Call) -> tuple[RateScope, ...]:
 def _retry_after(error: discord.HTTPException) -> float:
     headers = getattr(error.response, "headers", None) or {}
     for name in ("Retry-After", "X-RateLimit-Reset-After"):
-        with contextlib.suppress(TypeError, ValueError):
+        # A 429 from a proxy in front of Discord may carry neither header.
+        with contextlib.suppress(KeyError, TypeError, ValueError):
             return max(0.0, float(headers[name]))
     return DEFAULT_RETRY_AFTER
 
@@ -83,7 +84,10 @@ def _retry_after(error: discord.HTTPException) -> float:
 def translated_errors(key: str) -> Iterator[None]:
     """Translate discord.py and aiohttp failures of one call into the surface error tree.
 
-    discord.py has already slept on Retry-After and retried (5 tries) before a 429 gets here.
+    discord.py has already slept on Retry-After and retried (5 tries) before a 429 gets here. The
+    body need not be Discord's JSON (a proxy's HTML or plain text page, or nothing): discord.py
+    keeps it as text with code 0, so the HTTP status decides, and the code of a permanent error is
+    Discord's code, else the status.
     """
     try:
         yield

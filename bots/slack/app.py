@@ -29,7 +29,6 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.app.async_app import AsyncApp
@@ -41,7 +40,14 @@ from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
 from bots.slack.formatting import mentions, strip_mention, to_plain
-from bots.slack.surface import NATIVE_STREAMS, ReplyTarget, SlackReply, message_id, translate
+from bots.slack.surface import (
+    NATIVE_STREAMS,
+    ReplyTarget,
+    SlackReply,
+    message_id,
+    translate,
+    translated_errors,
+)
 from core.bot import (
     SHUTDOWN_NOTE,
     Facts,
@@ -55,7 +61,7 @@ from core.commands import ChannelTarget, Command, HelpStyle, parse_command
 from core.config import Settings
 from core.conversation import ConversationKey
 from core.engine import ChatEngine
-from core.errors import ConfigError, StoreUnavailableError
+from core.errors import ConfigError, PermanentSurfaceError, StoreUnavailableError, SurfaceError
 
 if TYPE_CHECKING:
     # Only the type of an injected budgets object: pacing is the front door's job.
@@ -207,10 +213,19 @@ class SlackBot:
         try:
             identity = await self.identity()
         except SlackApiError as error:
+            refusal = translate(error, method="auth.test", scope=None)
+            code = refusal.code if isinstance(refusal, PermanentSurfaceError) else None
+            if code and not code.startswith("http_"):
+                raise ConfigError(
+                    f"Slack refused SLACK_BOT_TOKEN ({code}); copy the Bot "
+                    "User OAuth Token from your app's OAuth & Permissions page",
+                    setting="SLACK_BOT_TOKEN",
+                ) from error
+            # Not Slack's word on the token: a proxy's page, an outage, a 429.
             raise ConfigError(
-                f"Slack refused SLACK_BOT_TOKEN ({error.response.get('error')}); copy the Bot "
-                "User OAuth Token from your app's OAuth & Permissions page",
-                setting="SLACK_BOT_TOKEN",
+                f"Slack's Web API did not answer auth.test ({refusal}); check SLACK_API_URL "
+                "and any proxy in front of Slack, then start again",
+                setting="SLACK_API_URL",
             ) from error
         self.bot_user_id = str(identity.get("user_id") or "")
         self.team_id = str(identity.get("team_id") or "")
@@ -338,13 +353,13 @@ class SlackBot:
     async def thread_lines(self, channel: str, thread_ts: str, *, before: str) -> list[ThreadLine]:
         """The thread's messages before ``before``, oldest first (``conversations.replies``)."""
         try:
-            response = await self.client.conversations_replies(
-                channel=channel, ts=thread_ts, limit=THREAD_CONTEXT_LIMIT
-            )
-        except (SlackApiError, aiohttp.ClientError, TimeoutError) as error:
+            with translated_errors("conversations.replies", None):
+                response = await self.client.conversations_replies(
+                    channel=channel, ts=thread_ts, limit=THREAD_CONTEXT_LIMIT
+                )
+        except SurfaceError as error:
             # The answer still goes out, only without the thread's earlier messages.
-            reason = translate(error, method="conversations.replies", scope=None)
-            log.warning("thread %s:%s: no earlier context (%s)", channel, thread_ts, reason)
+            log.warning("thread %s:%s: no earlier context (%s)", channel, thread_ts, error)
             return []
         lines: list[ThreadLine] = []
         for message in response.get("messages") or []:

@@ -9,6 +9,14 @@ Converting to mrkdwn instead would lose headings, nested lists and tables, and c
 ~4,000 characters instead of 12,000. The only mrkdwn we write is the plain ``text`` fallback that
 notifications and old clients show (``fallback_text``), escaped as mrkdwn requires.
 
+Nothing the model writes may notify anyone: Slack turns ``<!channel>``, ``<!here>``,
+``<!everyone>``, ``<!subteam^ID>`` and ``<@U123>`` into pings in every field (``text``, markdown
+blocks, ``markdown_text``), so a prompt-injected answer could page a whole channel.
+``neutralise_mentions`` rewrites each such token as the words a person reads (``@channel``,
+``@here``, the label or id) with a word joiner after the ``@``: the same text to the eye, no
+token for Slack. It is ``SlackReply.render``, which the streamer applies to each message's whole
+text, so a token split across two appends (``<!chan`` + ``nel>``) is still seen whole.
+
 Incoming: Slack sends message text as mrkdwn with ``&``, ``<`` and ``>`` escaped and links,
 mentions and channels in angle brackets; ``to_plain`` turns it into what the person typed.
 """
@@ -25,6 +33,16 @@ MAX_MARKDOWN_CHARS = 12_000
 #: 4,000 characters of ``text`` (docs.slack.dev chat.postMessage, "Truncating content").
 FALLBACK_CHARS = 300
 
+#: U+2060 WORD JOINER: invisible and unbreakable, placed between "@" and a name so Slack shows
+#: "@channel" yet finds no mention in it.
+WORD_JOINER = "\u2060"
+#: The tokens that notify (docs.slack.dev "Formatting message text": "Mentioning users",
+#: "Mentioning groups", "Special mentions"; ``<!group>`` is the old name of ``<!channel>``).
+_PING = re.compile(
+    r"<(?:!(?P<special>here|channel|everyone|group)|!subteam\^(?P<team>[^|>]*)|@(?P<user>[^|>]*))"
+    r"(?:\|(?P<label>[^>]*))?>",
+    re.IGNORECASE,
+)
 _MENTION = re.compile(r"<@(\w+)(?:\|([^>]*))?>")
 _CHANNEL = re.compile(r"<#(\w+)(?:\|([^>]*))?>")
 _SPECIAL = re.compile(r"<!([a-z]+)(?:\^[^|>]*)?(?:\|([^>]*))?>")
@@ -37,6 +55,25 @@ _MD_HEADING = re.compile(r"^#{1,6}\s+", re.MULTILINE)
 def markdown_blocks(text: str) -> list[dict[str, Any]]:
     """One ``markdown`` block holding ``text`` (standard Markdown, at most 12,000 characters)."""
     return [{"type": "markdown", "text": text}]
+
+
+def neutralise_mentions(markdown: str) -> str:
+    """``markdown`` with every mention token that would notify someone written as plain words.
+
+    Idempotent, and chunk-safe wherever no token is cut: the rewrite of a token depends on the
+    token alone. Repeated until nothing matches, so a label cannot smuggle a token back in.
+    """
+    while True:
+        quiet = _PING.sub(_quiet_mention, markdown)
+        if quiet == markdown:
+            return quiet
+        markdown = quiet
+
+
+def _quiet_mention(match: re.Match[str]) -> str:
+    label = (match.group("label") or "").lstrip("@").strip()
+    name = label or match.group("special") or match.group("team") or match.group("user") or ""
+    return "@" + WORD_JOINER + name
 
 
 def fallback_text(markdown: str, limit: int = FALLBACK_CHARS) -> str:

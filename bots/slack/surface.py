@@ -12,16 +12,19 @@
 
 Every call names the rate-limit scopes it consumes, keyed as Slack limits them: per method per
 workspace (``slack:T123:chat.update``), and for ``chat.postMessage`` also per channel. slack_sdk
-errors are translated here and nowhere else: HTTP 429 -> ``SurfaceRateLimited`` with the
-``Retry-After`` seconds, 5xx / timeouts / dropped connections -> ``TransientSurfaceError``,
-anything else -> ``PermanentSurfaceError`` carrying Slack's error string as ``code``.
+errors are translated here and nowhere else (``translated_errors``, whatever the body: Slack's
+JSON, a proxy's HTML or plain text, nothing): HTTP 429 -> ``SurfaceRateLimited`` with the
+``Retry-After`` seconds, 5xx / 408 / timeouts / dropped connections -> ``TransientSurfaceError``,
+anything else -> ``PermanentSurfaceError`` carrying Slack's error string (else ``http_<status>``)
+as ``code``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +33,12 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
-from bots.slack.formatting import MAX_MARKDOWN_CHARS, fallback_text, markdown_blocks
+from bots.slack.formatting import (
+    MAX_MARKDOWN_CHARS,
+    fallback_text,
+    markdown_blocks,
+    neutralise_mentions,
+)
 from core.errors import (
     PermanentSurfaceError,
     SurfaceError,
@@ -67,6 +75,8 @@ TRANSIENT_ERRORS = frozenset(
 )
 #: Seconds to wait on a 429 that carries no Retry-After (Slack always sends one; be safe).
 DEFAULT_RETRY_AFTER = 1.0
+#: RFC 9110 "408 Request Timeout": what a proxy answers when Slack took too long; try again.
+HTTP_REQUEST_TIMEOUT = 408
 
 #: Slack's native streams (chat.startStream / appendStream / stopStream reference pages):
 #: - error strings meaning "this workspace or channel cannot stream natively": use edits;
@@ -144,29 +154,81 @@ def split_message_id(value: str) -> tuple[str, str]:
 
 
 def translate(error: Exception, *, method: str, scope: str | None) -> SurfaceError:
-    """The core error for a failed slack_sdk call of ``method`` (rate-limit ``scope``)."""
+    """The core error for a failed slack_sdk call of ``method`` (rate-limit ``scope``).
+
+    Slack answers JSON, but what answers may be a proxy or load balancer in front of it: an HTML
+    or plain-text page, or nothing. slack_sdk then hands over a response whose ``data`` is a
+    string or empty (or aiohttp's own response when a JSON content type held no JSON), so the
+    body is read only when it is Slack's JSON and the HTTP status decides otherwise.
+    """
     if isinstance(error, SlackApiError):
-        response = error.response
-        status = int(getattr(response, "status_code", 200) or 200)
-        code = str(response.get("error", "") if hasattr(response, "get") else "") or "unknown"
-        if status == 429 or code == "ratelimited":
-            headers = getattr(response, "headers", None) or {}
-            raw = headers.get("Retry-After") or headers.get("retry-after")
-            try:
-                retry_after = float(raw) if raw is not None else DEFAULT_RETRY_AFTER
-            except ValueError:
-                retry_after = DEFAULT_RETRY_AFTER
-            return SurfaceRateLimited(
-                f"Slack {method}: rate limited for {retry_after:g}s",
-                retry_after=retry_after,
-                scope=scope,
-            )
-        if status >= 500 or code in TRANSIENT_ERRORS:
-            return TransientSurfaceError(f"Slack {method}: {code} (HTTP {status})")
-        return PermanentSurfaceError(f"Slack {method}: {code}", code=code)
+        return _api_error(error.response, method=method, scope=scope)
     if isinstance(error, aiohttp.ClientError | TimeoutError):
         return TransientSurfaceError(f"Slack {method}: {type(error).__name__}: {error}")
     raise error
+
+
+@contextlib.contextmanager
+def translated_errors(method: str, scope: str | None) -> Iterator[None]:
+    """Translate slack_sdk and aiohttp failures of one call into the surface error tree."""
+    try:
+        yield
+    except (SlackApiError, aiohttp.ClientError, TimeoutError) as error:
+        translated = translate(error, method=method, scope=scope)
+        log.debug("%s", translated)
+        raise translated from error
+    except AttributeError as error:
+        if not _raised_in_slack_sdk(error):
+            raise
+        # slack_sdk's response check reads a 200 plain-text body (a proxy's page) as a dict.
+        raise TransientSurfaceError(f"Slack {method}: not Slack's answer ({error})") from error
+
+
+def _raised_in_slack_sdk(error: BaseException) -> bool:
+    """Whether ``error`` was raised by slack_sdk's own code (its innermost frame)."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("slack_sdk")
+
+
+def _api_error(response: Any, *, method: str, scope: str | None) -> SurfaceError:
+    # AsyncSlackResponse has ``status_code``; aiohttp's ClientResponse (a broken JSON body) has
+    # ``status``.
+    status = _status(response)
+    data = getattr(response, "data", None)
+    code = str(data.get("error") or "") if isinstance(data, dict) else ""
+    if status == 429 or code == "ratelimited":
+        retry_after = _retry_after(getattr(response, "headers", None))
+        return SurfaceRateLimited(
+            f"Slack {method}: rate limited for {retry_after:g}s",
+            retry_after=retry_after,
+            scope=scope,
+        )
+    if code in TRANSIENT_ERRORS or status >= 500 or status == HTTP_REQUEST_TIMEOUT:
+        return TransientSurfaceError(f"Slack {method}: {code or 'no Slack answer'} (HTTP {status})")
+    if not code and 200 <= status < 300:
+        # A success status with a body that is not Slack's: a proxy's page, try again.
+        return TransientSurfaceError(f"Slack {method}: not Slack's answer (HTTP {status})")
+    code = code or f"http_{status}"
+    return PermanentSurfaceError(f"Slack {method}: {code} (HTTP {status})", code=code)
+
+
+def _status(response: Any) -> int:
+    for name in ("status_code", "status"):
+        value = getattr(response, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _retry_after(headers: Any) -> float:
+    raw = (headers.get("Retry-After") or headers.get("retry-after")) if headers else None
+    try:
+        wait = float(raw) if raw is not None else DEFAULT_RETRY_AFTER
+    except ValueError:
+        return DEFAULT_RETRY_AFTER
+    return wait if wait >= 0 else DEFAULT_RETRY_AFTER
 
 
 class SlackReply:
@@ -192,8 +254,8 @@ class SlackReply:
         self.rate_scale = rate_scale
 
     def render(self, text: str) -> str:
-        """Identity: Slack renders standard Markdown in markdown blocks and markdown_text."""
-        return text
+        """The model's Markdown as sent (Slack renders it), with its mentions made silent."""
+        return neutralise_mentions(text)
 
     def scopes(self, call: str) -> tuple[RateScope, ...]:
         team, s = self.target.team, self.rate_scale
@@ -224,6 +286,9 @@ class SlackReply:
         raise ValueError(f"unknown Slack surface call {call!r}")
 
     async def post(self, text: str) -> str:
+        # Every method silences mentions itself too (a no-op on rendered text), so no caller
+        # can post a ping by skipping ``render``.
+        text = neutralise_mentions(text)
         kwargs: dict[str, Any] = {
             "channel": self.target.channel,
             "text": fallback_text(text),
@@ -241,6 +306,7 @@ class SlackReply:
 
     async def edit(self, message_id: str, text: str) -> None:
         channel, ts = split_message_id(message_id)
+        text = neutralise_mentions(text)
         kwargs = {
             "channel": channel,
             "ts": ts,
@@ -261,12 +327,8 @@ class SlackReply:
         function: Callable[..., Awaitable[AsyncSlackResponse]],
         kwargs: dict[str, Any],
     ) -> AsyncSlackResponse:
-        try:
+        with translated_errors(method, self.scopes(call)[0].key):
             return await function(**kwargs)
-        except (SlackApiError, aiohttp.ClientError, TimeoutError) as error:
-            translated = translate(error, method=method, scope=self.scopes(call)[0].key)
-            log.debug("%s", translated)
-            raise translated from error
 
     async def start(self, text: str) -> str:
         if not self.target.thread_ts:
@@ -280,7 +342,7 @@ class SlackReply:
             "recipient_team_id": self.target.user_team,
         }
         if text:
-            kwargs["markdown_text"] = text
+            kwargs["markdown_text"] = neutralise_mentions(text)
         response = await self._call(
             "start", "chat.startStream", self.client.chat_startStream, kwargs
         )
@@ -290,12 +352,12 @@ class SlackReply:
         if not delta:
             return
         channel, ts = split_message_id(message_id)
-        kwargs = {"channel": channel, "ts": ts, "markdown_text": delta}
+        kwargs = {"channel": channel, "ts": ts, "markdown_text": neutralise_mentions(delta)}
         await self._call("append", "chat.appendStream", self.client.chat_appendStream, kwargs)
 
     async def stop(self, message_id: str, delta: str) -> None:
         channel, ts = split_message_id(message_id)
         kwargs: dict[str, Any] = {"channel": channel, "ts": ts}
         if delta:
-            kwargs["markdown_text"] = delta
+            kwargs["markdown_text"] = neutralise_mentions(delta)
         await self._call("stop", "chat.stopStream", self.client.chat_stopStream, kwargs)

@@ -22,7 +22,11 @@ from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from core.bot import FrontDoor, PlatformProfile
+from core.commands import HelpStyle
 from core.config import Settings
+from core.conversation import ConversationKey, IncomingMessage
+from core.engine import ChatEngine
 from core.limiters import (
     SHARED_CALL_TIMEOUT_SECONDS,
     SHARED_RETRY_SECONDS,
@@ -31,9 +35,11 @@ from core.limiters import (
     StoreLimiter,
     budgets_for,
 )
+from core.providers.offline import OfflineProvider
 from core.ratelimit import Budgets, RateScope
 from core.store import ConversationStore
-from tests.fake_platform import run_virtual
+from core.streaming import THINKING_TEXT
+from tests.fake_platform import FAKE_NATIVE, FakeAppendSurface, Platform, run_virtual
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 #: The shared scope of most tests: 20 calls a second, one at a time.
@@ -296,6 +302,11 @@ class FlakyLimiter:
             raise ConnectionError("connection refused")
         return 0.0
 
+    async def available(self, key: str, per_second: float, burst: int) -> float:
+        if self.down:
+            raise ConnectionError("connection refused")
+        return 0.0
+
     async def pause(self, key: str, seconds: float) -> None:
         if self.down:
             raise ConnectionError("connection refused")
@@ -386,3 +397,65 @@ async def test_budgets_for_picks_redis_then_postgres_then_the_process(
     finally:
         await pg.close()
         await lite.close()
+
+
+async def test_a_look_at_the_shared_bucket_takes_nothing(backend: Backend) -> None:
+    a, b = await backend.make(), await backend.make()
+    # Three calls at once, then one a minute.
+    per_second, burst = 1 / 60, 3
+    for _ in range(10):
+        assert await b.available(backend.key, per_second, burst) == 0
+    for _ in range(burst):
+        assert await a.take(backend.key, per_second, burst) == 0
+    waits = [await b.available(backend.key, per_second, burst) for _ in range(5)]
+    # Empty for every process, by about a minute; looking again and again changed nothing.
+    assert all(55 < wait <= 60 for wait in waits)
+    assert await b.take(backend.key, per_second, burst) >= waits[-1] - 1
+
+
+async def test_native_admission_asks_the_budgets_every_worker_shares(
+    backend: Backend, settings: Settings
+) -> None:
+    """Worker A spent the chat.startStream burst: worker B answers with edits, not a stream that
+    would start late and land out of order in the thread."""
+    start = RateScope(f"{backend.key}:chat.startStream", 20 / 60, 3)
+    stop = RateScope(f"{backend.key}:chat.stopStream", 20 / 60, 3)
+    worker_a = Budgets(shared=await backend.make())
+    worker_b = Budgets(shared=await backend.make())
+    store = await ConversationStore.open(settings.database_url)
+    # Tokens a little apart, as a model's: the reply shows progress while the answer comes.
+    engine = ChatEngine(settings, store, OfflineProvider(settings, delay=0.01))
+    profile = PlatformProfile(
+        "fake", HelpStyle(prefix="/"), command_deadline=1.0, native=FAKE_NATIVE, native_mode="auto"
+    )
+    door = FrontDoor(settings, engine, profile, budgets=worker_b)
+    platform = Platform()
+
+    async def ask(thread: str) -> tuple[dict[str, int], list[str]]:
+        """The platform calls of one answer, and the states its message went through."""
+        surface = FakeAppendSurface(platform, start_scopes=(start,), stop_scopes=(stop,))
+        before = dict(platform.calls)
+        key = ConversationKey("fake", "T1", "C1", thread)
+        result = await door.answer(IncomingMessage(key, "hello", "alice"), surface)
+        assert surface.messages() == [result.text]
+        calls = {k: n - before.get(k, 0) for k, n in platform.calls.items()}
+        states = [text for _, id_, text in platform.log if id_ == surface.posted[0]]
+        return {k: n for k, n in calls.items() if n}, states
+
+    try:
+        # Idle everywhere: B streams natively.
+        calls, _ = await ask("1")
+        assert calls["start"] == 1
+        # A spends what is left of the burst, as its own three streams would.
+        for _ in range(2):
+            await worker_a.acquire([start])
+        calls, states = await ask("2")
+        # Edits, shown at once: not a stream queued behind A's until the answer is over.
+        assert "start" not in calls and calls["post"] == 1 and calls["edit"] >= 1
+        assert states[0] == THINKING_TEXT
+        # B's own budget was full all along: only the shared bucket knew.
+        assert worker_b.budget(start).delay() == 0
+    finally:
+        await worker_a.aclose()
+        await worker_b.aclose()
+        await engine.close()

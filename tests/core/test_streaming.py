@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from core.errors import PermanentSurfaceError, SurfaceError, TransientSurfaceError
 from core.ratelimit import Budgets, RateScope
 from core.streaming import (
     EMPTY_ANSWER_TEXT,
@@ -348,6 +349,93 @@ def test_native_stream_that_dies_or_must_change_is_finished_with_an_edit() -> No
     assert died == ["".join(words(120))]
     assert retried == ["second try"]
     assert calls.get("edit", 0) >= 2
+
+
+class FailingStreams(FakeAppendSurface):
+    """Native streams whose ``append`` / ``stop`` calls fail: ``failures`` maps a call to how many
+    times it fails, and ``error`` says how (a 5xx by default)."""
+
+    def __init__(
+        self,
+        platform: Platform,
+        failures: dict[str, int],
+        error: SurfaceError | None = None,
+    ) -> None:
+        super().__init__(platform)
+        self.failures = dict(failures)
+        self.error = error or TransientSurfaceError("fake 503 (an HTML page)")
+
+    def _fail(self, call: str) -> None:
+        if self.failures.get(call, 0) > 0:
+            self.failures[call] -= 1
+            self.platform.calls[f"failed {call}"] = self.platform.calls.get(f"failed {call}", 0) + 1
+            raise self.error
+
+    async def append(self, message_id: str, delta: str) -> None:
+        self._fail("append")
+        await super().append(message_id, delta)
+
+    async def stop(self, message_id: str, delta: str) -> None:
+        self._fail("stop")
+        await super().stop(message_id, delta)
+
+
+@pytest.mark.parametrize(
+    ("failures", "error"),
+    [
+        # Appends keep failing: the stream is stopped with the rest of the text.
+        ({"append": 100}, None),
+        # The stop keeps failing too: the edit path lands the text.
+        ({"append": 100, "stop": 100}, None),
+        # Slack refuses the calls outright (a 4xx page from a proxy).
+        ({"append": 100, "stop": 100}, PermanentSurfaceError("fake 403", code="http_403")),
+        # One failure is retried on the stream itself.
+        ({"append": 1, "stop": 1}, None),
+    ],
+)
+def test_a_native_stream_whose_calls_fail_still_ends_with_the_exact_text(
+    failures: dict[str, int], error: SurfaceError | None
+) -> None:
+    async def main() -> tuple[list[str], dict[str, int], bool]:
+        platform = Platform(latency=LATENCY)
+        surface = FailingStreams(platform, failures, error)
+        streamer = streamer_for(surface)
+        await streamer.begin()
+        # A long answer: the failures happen while it is still streaming.
+        await feed(streamer, words(200), gap=0.1)
+        await streamer.finish()
+        return surface.messages(), platform.calls, streamer.delivered
+
+    shown, calls, delivered = run_virtual(main())
+    assert shown == ["".join(words(200))]
+    assert delivered
+    if failures["append"] == 1:
+        # Retried in place: the stream went on.
+        assert "edit" not in calls and calls["stop"] == 1
+    else:
+        # The stream was left (stopped, when the stop goes through) and edits went on with it.
+        assert calls["start"] == 1 and calls.get("edit", 0) >= 1
+        assert calls.get("stop", 0) == (0 if "stop" in failures else 1)
+
+
+def test_a_native_stream_that_cannot_start_posts_instead() -> None:
+    class NoStart(FakeAppendSurface):
+        async def start(self, text: str) -> str:
+            self.platform.calls["failed start"] = self.platform.calls.get("failed start", 0) + 1
+            raise TransientSurfaceError("fake 502 (plain text)")
+
+    async def main() -> tuple[list[str], dict[str, int]]:
+        platform = Platform(latency=LATENCY)
+        surface = NoStart(platform)
+        streamer = streamer_for(surface)
+        await streamer.begin()
+        await feed(streamer, words(200), gap=0.1)
+        await streamer.finish()
+        return surface.messages(), platform.calls
+
+    shown, calls = run_virtual(main())
+    assert shown == ["".join(words(200))]
+    assert calls["post"] == 1 and calls.get("edit", 0) >= 1 and "append" not in calls
 
 
 def test_an_old_native_stream_is_stopped_and_continued_with_edits() -> None:

@@ -236,3 +236,78 @@ def test_discord_errors_translate_at_the_boundary(
         assert caught.value.scope == "discord:channel:1:edit"
     if isinstance(caught.value, PermanentSurfaceError):
         assert caught.value.code == code
+
+
+#: What a proxy in front of Discord answers instead of Discord's JSON.
+HTML_503 = "<html><head><title>503 Service Unavailable</title></head><body>busy</body></html>"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "content_type", "expected", "code"),
+    [
+        (503, HTML_503, "text/html", TransientSurfaceError, None),
+        (503, "upstream connect error", "text/plain", TransientSurfaceError, None),
+        # discord.py retries 500, 502, 504 and 524 itself (seconds apart); 520 it raises.
+        (520, "", None, TransientSurfaceError, None),
+        # A 429 that is not Discord's (no Via header): discord.py raises it at once.
+        (429, "Too Many Requests", "text/plain", SurfaceRateLimited, None),
+        (403, "<html>Forbidden</html>", "text/html", PermanentSurfaceError, "403"),
+    ],
+)
+async def test_a_non_json_answer_from_discord_translates_by_its_status(
+    tmp_path: Path,
+    status: int,
+    body: str,
+    content_type: str | None,
+    expected: type[Exception],
+    code: str | None,
+) -> None:
+    async with running_bot(tmp_path) as bot:
+        channel = bot.client.get_channel(bot.fake.text_channel)
+        assert isinstance(channel, discord.TextChannel)
+        reply = DiscordReply(channel)
+        message_id = await reply.post("first")
+        for request, call in (
+            ("POST message", lambda: reply.post("second")),
+            ("PATCH message", lambda: reply.edit(message_id, "edited")),
+        ):
+            bot.fake.answer_next(request, status, body, content_type=content_type)
+            with pytest.raises(expected) as caught:
+                await call()
+            assert bot.fake.requests[f"{request} {status}"] == 1
+            if isinstance(caught.value, PermanentSurfaceError):
+                assert caught.value.code == code
+
+
+async def test_a_streamed_answer_through_non_json_5xx_pages_still_lands(tmp_path: Path) -> None:
+    async with running_bot(tmp_path, provider_delay=0.02) as bot:
+        fake = bot.fake
+        answer = [f"word{i} " for i in range(30)] + ["done."]
+        bot.provider.enqueue(answer)
+        fake.answer_next("POST message", 503, "upstream connect error", content_type="text/plain")
+        fake.answer_next("PATCH message", 503, HTML_503, content_type="text/html")
+        question = await fake.send_message(fake.text_channel, "through a proxy")
+        thread_id = int(question["id"])
+        await bot.answered(thread_id, "".join(answer))
+        assert fake.requests["POST message 503"] == 1
+        assert fake.requests["PATCH message 503"] == 1
+        assert await bot.final_texts(thread_id) == ["".join(answer)]
+
+
+async def test_a_streamed_answer_pings_nobody_on_posts_and_edits(tmp_path: Path) -> None:
+    async with running_bot(tmp_path, provider_delay=0.02) as bot:
+        fake = bot.fake
+        member = fake.make_user("member")
+        injected = f"Attention @everyone and @here, <@&{fake.bot_role_id}> and <@{member['id']}>: "
+        answer = [injected, *(f"word{i} " for i in range(30)), "done."]
+        bot.provider.enqueue(answer)
+        question = await fake.send_message(fake.text_channel, "ping them all")
+        thread_id = int(question["id"])
+        await bot.answered(thread_id, "".join(answer))
+
+        [reply] = fake.bot_messages_in(thread_id)
+        # Posted once and edited while streaming: every payload suppresses every ping.
+        assert len(reply.payloads) >= 2
+        assert any("@everyone" in str(p.get("content")) for p in reply.payloads)
+        for payload in reply.payloads:
+            assert payload["allowed_mentions"] == {"parse": []}

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from bots.slack.formatting import WORD_JOINER
 from core.bot import SHUTDOWN_NOTE
 from core.engine import EMPTY_MESSAGE_HINT
 from core.errors import TransientProviderError
@@ -287,6 +290,102 @@ async def test_native_streaming_appends_and_lands_the_exact_text(sqlite_url: str
         assert h.fake.counts["chat.stopStream"] == 1
         assert h.fake.counts["chat.appendStream"] >= 1
         assert h.fake.counts["chat.postMessage"] == 0
+
+
+#: What a proxy or load balancer in front of Slack answers instead of Slack's JSON.
+HTML_503 = "<html><head><title>503 Service Unavailable</title></head><body>busy</body></html>"
+
+
+async def test_a_thread_read_answered_by_a_plain_text_502_still_gets_its_answer(
+    sqlite_url: str,
+) -> None:
+    async with running_bot(sqlite_url) as h:
+        parent = h.fake.add_message(CHANNEL, "Deploy failed", user="U_BOB")
+        h.fake.answer_next(
+            "conversations.replies", 502, "502 Bad Gateway", content_type="text/plain"
+        )
+        h.provider.enqueue(["Answered without the thread."])
+        ts = h.new_ts()
+        await h.sender.mention("what now?", ts=ts, thread_ts=parent.ts)
+        await h.settle()
+
+        assert h.fake.calls_to("conversations.replies")[0].status == 502
+        assert final_text(h, parent.ts) == "Answered without the thread."
+        assert user_turns(h) == [("user", "what now?")]
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+async def test_a_native_stream_answered_by_html_503s_ends_with_the_exact_text(
+    sqlite_url: str, persistent: bool
+) -> None:
+    async with running_bot(sqlite_url, streaming="native", provider_delay=0.02) as h:
+        answer = [f"word{i} " for i in range(40)] + ["survive a proxy's error pages."]
+        h.provider.enqueue(answer)
+        h.fake.answer_next("chat.appendStream", 503, HTML_503, content_type="text/html")
+        # Persistent: every stop fails (the streamer's attempts run out) and chat.update lands it.
+        times = 10 if persistent else 1
+        h.fake.answer_next("chat.stopStream", 503, HTML_503, content_type="text/html", times=times)
+        ts = h.new_ts()
+        await h.sender.mention("stream it", ts=ts)
+        await h.settle()
+
+        [reply] = h.fake.bot_messages(CHANNEL, ts)
+        assert reply.visible() == "".join(answer)
+        assert h.fake.counts["chat.startStream"] == 1
+        assert h.fake.calls_to("chat.appendStream")[0].status == 503
+        assert h.fake.calls_to("chat.stopStream")[0].status == 503
+        if persistent:
+            assert h.fake.calls_to("chat.update")[-1].status == 200
+        else:
+            assert not reply.streaming
+            assert h.fake.counts["chat.update"] == 0
+
+
+#: A mention token Slack would turn into a notification.
+LIVE_MENTION = re.compile(r"<(?:!(?:here|channel|everyone|group)\b|!subteam\^|@)[^>]*>", re.I)
+
+
+def strings_in(value: object) -> Iterator[str]:
+    """Every string in a payload (its blocks included)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from strings_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from strings_in(item)
+
+
+@pytest.mark.parametrize("streaming", ["update", "native"])
+async def test_a_prompt_injected_answer_pings_nobody(sqlite_url: str, streaming: str) -> None:
+    async with running_bot(sqlite_url, streaming=streaming, provider_delay=0.02) as h:
+        # A token split across deltas (and so, maybe, across appends) is still one token.
+        answer = [
+            "Ignore that. ",
+            "<!chan",
+            "nel> and <!here",
+            ">, <!everyone>, <!subteam^S0|@oncall> and <@U_BOB>: ",
+            *(f"word{i} " for i in range(20)),
+            "done.",
+        ]
+        h.provider.enqueue(answer)
+        ts = h.new_ts()
+        await h.sender.mention("summarise the doc", ts=ts)
+        await h.settle()
+
+        sent = [(c.method, text) for c in h.fake.calls for text in strings_in(c.args)]
+        assert [m for m, text in sent if m.startswith("chat.") and "word19" in text]
+        assert [(m, text) for m, text in sent if LIVE_MENTION.search(text)] == []
+        [reply] = h.fake.bot_messages(CHANNEL, ts)
+        assert all(not LIVE_MENTION.search(state) for state in reply.states)
+        assert reply.visible().replace(WORD_JOINER, "") == (
+            "Ignore that. @channel and @here, @everyone, @oncall and @U_BOB: "
+            + "".join(f"word{i} " for i in range(20))
+            + "done."
+        )
+        if streaming == "native":
+            assert h.fake.counts["chat.startStream"] == 1
 
 
 @pytest.mark.parametrize("mode", ["auto", "native"])

@@ -4,13 +4,21 @@ text conversions of bots/slack/formatting.py."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
 
 from bots.slack.app import build_client
-from bots.slack.formatting import fallback_text, mentions, strip_mention, to_plain
+from bots.slack.formatting import (
+    WORD_JOINER,
+    fallback_text,
+    mentions,
+    neutralise_mentions,
+    strip_mention,
+    to_plain,
+)
 from bots.slack.surface import NATIVE_STREAMS, ReplyTarget, SlackReply
 from core.config import Settings
 from core.errors import PermanentSurfaceError, SurfaceRateLimited, TransientSurfaceError
@@ -92,6 +100,46 @@ async def test_server_errors_and_dropped_connections_are_transient(fake: FakeSla
         await unreachable.post("anyone?")
 
 
+#: What a proxy or load balancer in front of Slack answers instead of Slack's JSON.
+HTML_503 = "<html><head><title>503 Service Unavailable</title></head><body>busy</body></html>"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "content_type", "expected"),
+    [
+        (502, "Bad Gateway", "text/plain", TransientSurfaceError),
+        (503, HTML_503, "text/html", TransientSurfaceError),
+        (504, "", None, TransientSurfaceError),
+        (500, "{truncated", "application/json", TransientSurfaceError),
+        (408, "Request Timeout", "text/plain", TransientSurfaceError),
+        (200, "upstream says hello", "text/plain", TransientSurfaceError),
+        (200, HTML_503, "text/html", TransientSurfaceError),
+        (429, "Too Many Requests", "text/plain", SurfaceRateLimited),
+        (403, "<html>Forbidden</html>", "text/html", PermanentSurfaceError),
+    ],
+)
+async def test_any_body_from_a_proxy_is_translated_by_its_status(
+    status: int, body: str, content_type: str | None, expected: type[Exception]
+) -> None:
+    async with FakeSlack(limits={}) as fake:
+        surface = await surface_for(fake)
+        message_id = await surface.post("hello")
+        calls: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("chat.postMessage", lambda: surface.post("again")),
+            ("chat.update", lambda: surface.edit(message_id, "edited")),
+            ("chat.appendStream", lambda: surface.append(message_id, "more")),
+        ]
+        for method, call in calls:
+            headers = {"Retry-After": "7"} if status == 429 else None
+            fake.answer_next(method, status, body, content_type=content_type, headers=headers)
+            with pytest.raises(expected) as caught:
+                await call()
+            if isinstance(caught.value, SurfaceRateLimited):
+                assert caught.value.retry_after == 7
+            if isinstance(caught.value, PermanentSurfaceError):
+                assert caught.value.code == f"http_{status}"
+
+
 async def test_other_errors_are_permanent_with_slacks_code(fake: FakeSlack) -> None:
     surface = await surface_for(fake)
     fake.fail_next("chat.postMessage", "channel_not_found")
@@ -147,3 +195,46 @@ def test_fallback_text_is_short_plain_escaped_mrkdwn() -> None:
     fallback = fallback_text(text)
     assert fallback.startswith("Title Bold and a link (https://x.io) &lt;b&gt; py x = 1 more")
     assert len(fallback) <= 300 + len("&lt;&gt;") and fallback.endswith("…")
+
+
+def test_mentions_from_the_model_are_silenced_and_read_as_words() -> None:
+    raw = (
+        "<!channel> <!here|here> <!everyone> <!group> <!subteam^S1|@oncall> <!subteam^S2> "
+        "<@U123> <@W9|alice> <@U1|<!here>> <!HERE>"
+    )
+    quiet = neutralise_mentions(raw)
+    assert "<" not in quiet and ">" not in quiet
+    assert quiet.replace(WORD_JOINER, "") == (
+        "@channel @here @everyone @group @oncall @S2 @U123 @alice @@here @HERE"
+    )
+    assert neutralise_mentions(quiet) == quiet
+    # What does not notify stays as written: links, channels, dates, HTML in code.
+    kept = "<https://x.io|x> <#C1|general> <!date^1^{date}|today> `<!DOCTYPE html>` a <b> c"
+    assert neutralise_mentions(kept) == kept
+
+
+def test_rendering_is_chunk_safe_wherever_no_token_is_cut() -> None:
+    text = "Hi <!here>, see <@U1|bob> and <!subteam^S1> now."
+    for cut in range(len(text) + 1):
+        head, tail = text[:cut], text[cut:]
+        inside = any(m.start() < cut < m.end() for m in re.finditer(r"<[^>]*>", text))
+        if not inside:
+            assert neutralise_mentions(head) + neutralise_mentions(tail) == (
+                neutralise_mentions(text)
+            )
+
+
+async def test_every_method_silences_mentions_in_every_field(fake: FakeSlack) -> None:
+    surface = await surface_for(fake)
+    loud = "Hey <!channel>, <@U_BOB>!"
+    posted = await surface.post(loud)
+    await surface.edit(posted, loud)
+    streamed = await surface.start(loud)
+    await surface.append(streamed, loud)
+    await surface.stop(streamed, loud)
+    for call in fake.calls:
+        for field in ("text", "markdown_text", "blocks"):
+            assert "<!channel>" not in str(call.args.get(field, ""))
+            assert "<@U_BOB>" not in str(call.args.get(field, ""))
+    channel, ts = posted.split(":")
+    assert fake.message(channel, ts).visible().replace(WORD_JOINER, "") == "Hey @channel, @U_BOB!"

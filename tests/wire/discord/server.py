@@ -8,7 +8,8 @@ One aiohttp server on 127.0.0.1 serves both:
   interaction callbacks, the original interaction response (PATCH) and followups. Every message's
   successive contents are recorded. Per-channel buckets answer real 429s (JSON ``retry_after``,
   ``X-RateLimit-*`` headers and the ``Via: 1.1 google`` header discord.py checks for), as does the
-  50 requests per second bot-wide cap.
+  50 requests per second bot-wide cap. ``answer_next`` makes a message post or edit answer any
+  status with a body that is not Discord's JSON (a proxy's HTML or plain-text page, or nothing).
 - The gateway over a websocket at ``/gateway``: HELLO, IDENTIFY -> READY (with ``session_id`` and
   ``resume_gateway_url``) then GUILD_CREATE, heartbeat ACKs, dispatch on demand
   (``dispatch``/``send_message``/``send_interaction``), RECONNECT followed by RESUME with replay of
@@ -22,7 +23,7 @@ import itertools
 import json
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -168,6 +169,9 @@ class FakeDiscord:
         self.session: Session | None = None
         self._buckets: dict[str, Bucket] = {}
         self._forced_429: Counter[str] = Counter()
+        #: Answers that are not Discord's JSON, per request name ("POST message", "PATCH message"):
+        #: what a proxy in front of Discord sends (an HTML error page, plain text, nothing).
+        self.raw_answers: dict[str, deque[tuple[int, str, str | None]]] = defaultdict(deque)
         self._changed = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._sockets: set[web.WebSocketResponse] = set()
@@ -282,6 +286,29 @@ class FakeDiscord:
     def force_429(self, bucket: str, channel_id: int, count: int) -> None:
         """Answer the next ``count`` requests of a channel's ``post``/``edit`` bucket with 429."""
         self._forced_429[f"{bucket}:{channel_id}"] += count
+
+    def answer_next(
+        self,
+        request: str,
+        status: int,
+        body: str = "",
+        *,
+        content_type: str | None = "text/plain",
+        times: int = 1,
+    ) -> None:
+        """Make the next ``times`` requests named ``request`` ("POST message", "PATCH message")
+        answer ``status`` with ``body`` (``content_type`` None: no Content-Type header)."""
+        self.raw_answers[request].extend([(status, body, content_type)] * times)
+
+    def _raw_answer(self, request: str) -> web.Response | None:
+        queued = self.raw_answers.get(request)
+        if not queued:
+            return None
+        status, body, content_type = queued.popleft()
+        self.requests[f"{request} {status}"] += 1
+        if content_type is None:
+            return web.Response(status=status, body=body.encode())
+        return web.Response(status=status, text=body, content_type=content_type)
 
     def _touch(self) -> None:
         self._changed.set()
@@ -454,6 +481,8 @@ class FakeDiscord:
             self.typing[cid] += 1
             return self._ok(None)
         if rest == ["messages"] and method == "POST":
+            if (raw := self._raw_answer("POST message")) is not None:
+                return raw
             limited = self._limit("post", cid)
             if limited is not None:
                 return limited
@@ -469,6 +498,8 @@ class FakeDiscord:
             return self._ok([self._message_json(m) for m in found[:limit]])
         if len(rest) == 2 and rest[0] == "messages" and method == "PATCH":
             mid = int(rest[1])
+            if (raw := self._raw_answer("PATCH message")) is not None:
+                return raw
             limited = self._limit("edit", cid)
             if limited is not None:
                 return limited

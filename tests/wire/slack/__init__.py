@@ -2,7 +2,7 @@
 signed requests (HTTP) and envelopes (Socket Mode)."""
 
 from .sender import Answer, SlackSender
-from .server import Call, FakeSlack, Limit, Message, Team
+from .server import Call, FakeSlack, Limit, Message, RawAnswer, Team
 from .socket_mode import SocketModeSender, SocketModeSlack
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "FakeSlack",
     "Limit",
     "Message",
+    "RawAnswer",
     "SlackSender",
     "SocketModeSender",
     "SocketModeSlack",

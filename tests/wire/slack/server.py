@@ -15,7 +15,8 @@ jittered network latency, and Slack itself tolerates short bursts above a tier's
 
 Everything is recorded for assertions: every call (``calls``), counts per method (``counts``),
 429s per method (``ratelimited``), and each message with its successive visible states
-(``messages`` / ``message(channel, ts).states``). ``responses`` holds one-shot failures to inject.
+(``messages`` / ``message(channel, ts).states``). ``responses`` holds one-shot failures to inject:
+Slack's own errors (``fail_next``) or a proxy's non-JSON answers (``answer_next``).
 """
 
 from __future__ import annotations
@@ -182,6 +183,25 @@ class Call:
     at: float
 
 
+@dataclass(frozen=True, slots=True)
+class RawAnswer:
+    """An answer that is not Slack's JSON: what a proxy or load balancer in front of Slack sends
+    (an HTML error page, plain text, or nothing at all)."""
+
+    status: int
+    body: str = ""
+    content_type: str | None = "text/plain"
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def response(self) -> web.Response:
+        headers = dict(self.headers)
+        if self.content_type is None:
+            return web.Response(status=self.status, body=self.body.encode(), headers=headers)
+        return web.Response(
+            status=self.status, text=self.body, content_type=self.content_type, headers=headers
+        )
+
+
 class SlackError(Exception):
     """Answer ``{"ok": false, "error": code}`` with HTTP ``status``."""
 
@@ -218,8 +238,8 @@ class FakeSlack:
         self.ephemeral: list[dict[str, Any]] = []
         self.responded: list[dict[str, Any]] = []
         self.reactions: list[dict[str, Any]] = []
-        #: One-shot answers to inject: method -> queue of (error code, HTTP status).
-        self.responses: dict[str, deque[tuple[str, int]]] = {}
+        #: One-shot answers to inject: method -> queue of (error code, HTTP status) or raw answers.
+        self.responses: dict[str, deque[tuple[str, int] | RawAnswer]] = {}
         #: When set, chat.startStream answers this error (a workspace without native streaming).
         self.native_streaming_error: str | None = None
         #: Seconds each answer is held back (a slow Slack); 0 answers at once.
@@ -301,6 +321,21 @@ class FakeSlack:
         """Make the next ``times`` calls of ``method`` answer ``error`` (HTTP ``status``)."""
         self.responses.setdefault(method, deque()).extend([(error, status)] * times)
 
+    def answer_next(
+        self,
+        method: str,
+        status: int,
+        body: str = "",
+        *,
+        content_type: str | None = "text/plain",
+        headers: dict[str, str] | None = None,
+        times: int = 1,
+    ) -> None:
+        """Make the next ``times`` calls of ``method`` answer ``status`` with ``body`` as a proxy
+        would (``content_type`` None: no Content-Type header), instead of Slack's JSON."""
+        answer = RawAnswer(status, body, content_type, tuple((headers or {}).items()))
+        self.responses.setdefault(method, deque()).extend([answer] * times)
+
     def message(self, channel: str, ts: str) -> Message:
         return self.messages[(channel, ts)]
 
@@ -359,8 +394,11 @@ class FakeSlack:
         try:
             injected = self.responses.get(method)
             if injected:
-                code, status = injected.popleft()
-                raise SlackError(code, status)
+                answer = injected.popleft()
+                if isinstance(answer, RawAnswer):
+                    self.calls.append(Call(method, args, answer.status, None, now))
+                    return answer.response()
+                raise SlackError(*answer)
             handler = getattr(self, "_m_" + method.replace(".", "_"), None)
             if handler is None:
                 raise SlackError("unknown_method", 404)
