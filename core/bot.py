@@ -55,9 +55,11 @@ from core.streaming import (
     THINKING_TEXT,
     TYPING_REFRESH_SECONDS,
     AppendReplySurface,
-    NativeStreams,
     ReplyStreamer,
 )
+
+# Part of a platform's profile: adapters take it from here, with the rest of the front door.
+from core.streaming import NativeStreams as NativeStreams
 
 log = logging.getLogger(__name__)
 
