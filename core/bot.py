@@ -205,9 +205,10 @@ class Arrival(Protocol):
 
 
 @runtime_checkable
-class PlacedSurface(Protocol):
-    """A surface that can say where its reply goes (``place``, text such as JSON), so that a
-    worker taking over the turn can reopen it there (``PlatformProfile``'s adapter ``reopen``)."""
+class Placed(Protocol):
+    """A surface (or an arrival) that can say where its reply goes (``place``, text such as
+    JSON), so that a worker taking over the turn can reopen it there (the adapter's ``reopen``).
+    An arrival's place is recorded at intake, its surface's when the reply begins."""
 
     @property
     def place(self) -> str: ...
@@ -295,6 +296,7 @@ class FrontDoor:
                 lease_seconds=self.settings.turn_lease_seconds,
                 event_key=event_key,
                 user_id=arrival.user_id,
+                reply_to=arrival.place if isinstance(arrival, Placed) else None,
                 claim=event_key is not None,
             )
         if turn is None:
@@ -381,7 +383,7 @@ class FrontDoor:
             typing_refresh=self.profile.typing_refresh,
             log_context=str(incoming.key),
         )
-        if turn_id is not None and isinstance(surface, PlacedSurface):
+        if turn_id is not None and isinstance(surface, Placed):
             self._in_background(self.engine.store.update_turn(turn_id, reply_to=surface.place))
         lease = None if turn_id is None else asyncio.create_task(self._hold_lease(turn_id))
         try:
