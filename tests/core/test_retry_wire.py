@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -59,6 +60,9 @@ async def wired(
         settings, store, provider, retry=RetryPolicy(max_attempts=4, sleep=recorded_sleep)
     )
     yield engine
+    # Background upkeep (calibration, summaries) finishes before the store closes.
+    if engine._background:
+        await asyncio.wait(engine._background, timeout=5)
     await provider.aclose()
 
 
