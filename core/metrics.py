@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from opentelemetry.metrics import Meter
     from opentelemetry.trace import Span, Tracer
 
-#: The content type of ``exposition()`` (Prometheus text format 0.0.4).
+#: The content type of ``exposition()`` (the Prometheus text format).
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 #: The OpenTelemetry instrumentation scope and service name of our figures and spans.
 SCOPE = "threadbot"
