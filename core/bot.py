@@ -33,6 +33,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -226,6 +227,8 @@ class Admission:
     route: Route
     question: str
     turn_id: int
+    #: When the message arrived (``time.monotonic``): the start of the reply's latency figures.
+    received: float | None = None
 
 
 def worker_name() -> str:
@@ -275,6 +278,7 @@ class FrontDoor:
         platform to deliver again (Slack: 503) or retries (``receive``).
         """
         facts, key = arrival.facts, arrival.key
+        received = time.monotonic()
         with database_errors():
             known = False
             if facts.in_thread and not facts.direct:
@@ -302,7 +306,7 @@ class FrontDoor:
         if turn is None:
             log.info("dropped a second delivery of %s message %s", key.platform, arrival.message_id)
             return None
-        return Admission(arrival, decision, question, turn.id)
+        return Admission(arrival, decision, question, turn.id, received)
 
     def start(self, admission: Admission) -> asyncio.Task[TurnResult]:
         """Run an admitted turn in a task kept until it ends (``drain``, ``close``)."""
@@ -350,9 +354,9 @@ class FrontDoor:
             allow_commands=decision.commands,
             turn_id=admission.turn_id,
         )
-        result = await self.answer(incoming, await arrival.reply(decision))
-        log.info("%s message %s: %s", self.profile.name, arrival.message_id, result.status)
-        return result
+        return await self.answer(
+            incoming, await arrival.reply(decision), received=admission.received
+        )
 
     async def answer_without_store(self, surface: ReplySurface, text: str) -> None:
         """Post ``text`` through the streamer alone (the database is out of reach)."""
@@ -362,13 +366,19 @@ class FrontDoor:
         await streamer.finish()
 
     async def answer(
-        self, incoming: IncomingMessage, surface: ReplySurface, *, resume: Sequence[str] = ()
+        self,
+        incoming: IncomingMessage,
+        surface: ReplySurface,
+        *,
+        resume: Sequence[str] = (),
+        received: float | None = None,
     ) -> TurnResult:
         """Answer ``incoming`` into ``surface``: the streamer, its budgets, native admission.
 
         With a recorded turn, where the reply goes and what it has posted are recorded as it
         goes, and the turn's lease is renewed until it ends. ``resume``: messages of a reply
-        taken over from a worker that died, edited in place.
+        taken over from a worker that died, edited in place. ``received``: when the message
+        arrived (``time.monotonic``), for the reply's latency figures and the turn's log line.
         """
         turn_id = incoming.turn_id
         # Counted in flight by _native_scope when it says yes; uncounted below.
@@ -382,17 +392,56 @@ class FrontDoor:
             resume=resume,
             typing_refresh=self.profile.typing_refresh,
             log_context=str(incoming.key),
+            observer=self.engine.metrics.calls(self.profile.name),
         )
         if turn_id is not None and isinstance(surface, Placed):
             self._in_background(self.engine.store.update_turn(turn_id, reply_to=surface.place))
         lease = None if turn_id is None else asyncio.create_task(self._hold_lease(turn_id))
         try:
-            return await self.engine.handle(incoming, streamer)
+            result = await self.engine.handle(incoming, streamer)
+            self._report(incoming, result, streamer, received)
+            return result
         finally:
             if lease is not None:
                 lease.cancel()
             if scope is not None:
                 self._native_in_flight[scope] -= 1
+
+    def _report(
+        self,
+        incoming: IncomingMessage,
+        result: TurnResult,
+        streamer: ReplyStreamer,
+        received: float | None,
+    ) -> None:
+        """The turn's latency figures, and its one log line (conversation, outcome, timings)."""
+        timings = dict(result.timings)
+        if received is not None:
+            first, final = (
+                None if shown is None else shown - received
+                for shown in (streamer.first_text_at, streamer.final_text_at)
+            )
+            self.engine.metrics.reply_times(self.profile.name, first, final)
+            for name, seconds in (("first_text_ms", first), ("final_text_ms", final)):
+                if seconds is not None:
+                    timings[name] = round(seconds * 1000)
+        turn = {
+            "platform": self.profile.name,
+            "conversation": str(incoming.key),
+            "conversation_id": result.conversation_id,
+            "turn_id": incoming.turn_id,
+            "message": incoming.message_id,
+            "outcome": result.status,
+            "calls": streamer.calls,
+            "rate_limited": streamer.rate_limited,
+            **timings,
+        }
+        shown = " ".join(f"{name}={value}" for name, value in timings.items())
+        log.info(
+            "%s message %s in %s: %s %s",
+            self.profile.name, incoming.message_id, incoming.key, result.status, shown,
+            extra={"turn": turn},
+        )  # fmt: skip
 
     def _recorder(self, turn_id: int) -> Callable[[list[str]], None]:
         def posted(message_ids: list[str]) -> None:
@@ -471,6 +520,7 @@ class FrontDoor:
                 await streamer.begin()
                 await streamer.cancel(INTERRUPTED_NOTE)
             await store.update_turn(turn.id, status="interrupted", note=INTERRUPTED_NOTE)
+            self.engine.metrics.turn_ended(self.profile.name, "interrupted")
             log.info("turn %s: marked interrupted (too old or unreachable)", turn.id)
             return
         conversation = await store.get(turn.conversation_id)

@@ -23,6 +23,7 @@ HISTORY_STRATEGIES = ("count", "tokens", "summary")
 PROVIDERS = ("openai", "anthropic", "offline")
 SLACK_STREAMING_MODES = ("auto", "native", "update")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
 #: The smallest MODEL_CONTEXT_TOKENS accepted: below it no question and answer fit at all.
 MIN_CONTEXT_TOKENS = 256
 TRUE_WORDS = ("true", "1", "yes", "on")
@@ -86,6 +87,13 @@ class Settings:
     rate_limits: tuple[tuple[str, float, int], ...] = ()
     # None: not set, each entry point keeps its own default (the terminal stays quiet).
     log_level: str | None = None
+    # Metrics and logs (core/metrics.py, core/logs.py): a /metrics port for processes without an
+    # HTTP server (None: off), one JSON object per log line, OpenTelemetry's OTLP/HTTP endpoint,
+    # prometheus-client's shared directory for pre-forked workers on one port.
+    metrics_port: int | None = None
+    log_format: str = "text"
+    otel_exporter_otlp_endpoint: str | None = None
+    prometheus_multiproc_dir: str | None = None
 
     @classmethod
     def load(
@@ -212,6 +220,10 @@ class Settings:
             redis_url=get("REDIS_URL"),
             rate_limits=parse_rate_limits(get("RATE_LIMITS") or ""),
             log_level=parse_log_level(get("LOG_LEVEL")),
+            metrics_port=get_optional_int("METRICS_PORT", 1),
+            log_format=get_choice("LOG_FORMAT", "text", LOG_FORMATS),
+            otel_exporter_otlp_endpoint=parse_otlp_endpoint(get("OTEL_EXPORTER_OTLP_ENDPOINT")),
+            prometheus_multiproc_dir=get("PROMETHEUS_MULTIPROC_DIR"),
         )
 
     def with_overrides(self, **changes: Any) -> Settings:
@@ -233,6 +245,19 @@ def parse_log_level(raw: str | None) -> str | None:
             f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {raw!r}", setting="LOG_LEVEL"
         )
     return level
+
+
+def parse_otlp_endpoint(raw: str | None) -> str | None:
+    """``OTEL_EXPORTER_OTLP_ENDPOINT`` without a trailing slash; ConfigError unless http(s)."""
+    if raw is None:
+        return None
+    if not raw.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"OTEL_EXPORTER_OTLP_ENDPOINT must be an http:// or https:// URL (OTLP/HTTP), "
+            f"not {raw!r}",
+            setting="OTEL_EXPORTER_OTLP_ENDPOINT",
+        )
+    return raw.rstrip("/")
 
 
 def async_database_url(raw: str) -> str:

@@ -45,6 +45,7 @@ from core.history import (
     policy_for,
     raw_estimate,
 )
+from core.metrics import Metrics
 from core.outcomes import (
     EMPTY_ANSWER,
     UNEXPECTED_FAILURE,
@@ -107,6 +108,8 @@ class TurnResult:
     text: str = ""
     message_ids: list[str] = field(default_factory=list)
     conversation_id: int | None = None
+    #: Milliseconds and tokens of the turn, for its log line (``queued_ms``, ``model_ms``, ...).
+    timings: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -114,6 +117,7 @@ class _Progress:
     """How far one turn got: what its failure or cancellation must record."""
 
     turn_id: int | None
+    platform: str = ""
     conversation_id: int | None = None
     conversation: Conversation | None = None
     question: StoredMessage | None = None
@@ -126,6 +130,10 @@ class _Progress:
     closing: bool = False
     # Set when the turn's outcome is recorded (a reset waits for it).
     settled: asyncio.Event = field(default_factory=asyncio.Event)
+    # When the turn took its place in line (the queued time runs to its conversation's lock).
+    lined_up_at: float = 0.0
+    # Milliseconds and tokens of the turn (``TurnResult.timings``).
+    timings: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,10 +194,12 @@ class ChatEngine:
         retry: RetryPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.provider = provider
+        self.metrics = metrics or Metrics()
         self.retry = retry or RetryPolicy(max_attempts=settings.max_retry_attempts)
         self._clock = clock
         # Waits between attempts of a write that matters (core.store.retry_write).
@@ -215,7 +225,7 @@ class ChatEngine:
         """Open the store named by ``DATABASE_URL`` (applying migrations) and build the provider."""
         provider = provider or build_provider(settings)
         store = await ConversationStore.open(settings.database_url)
-        return cls(settings, store, provider)
+        return cls(settings, store, provider, metrics=Metrics.from_settings(settings))
 
     async def close(self) -> None:
         """Wait briefly for background upkeep, then release the provider and the store."""
@@ -225,6 +235,7 @@ class ChatEngine:
             task.cancel()
         await self.provider.aclose()
         await self.store.close()
+        await self.metrics.close()
 
     def _stop_turn(self, conversation_id: int, note: str) -> None:
         """Cancel the turn answering in ``conversation_id`` (a reset), showing ``note``."""
@@ -269,8 +280,13 @@ class ChatEngine:
         """Answer one incoming message into ``reply``. See the module docstring."""
         # The place in line is taken before the first await, so turns keep arrival order.
         place = self._line_up(incoming.key)
+        key = incoming.key
         try:
-            return await self._handle_in_line(incoming, reply, place)
+            with self.metrics.turn_span(key.platform, str(key)) as span:
+                result = await self._handle_in_line(incoming, reply, place)
+                if span is not None:
+                    span.set_attributes({"threadbot.outcome": result.status, **result.timings})
+                return result
         finally:
             place.leave()
 
@@ -314,7 +330,7 @@ class ChatEngine:
 
         await reply.begin()
         task = asyncio.current_task()
-        progress = _Progress(turn_id=incoming.turn_id)
+        progress = _Progress(incoming.turn_id, key.platform, lined_up_at=self._clock())
         if task is not None:
             self._begun.add(task)
             self._progress[task] = progress
@@ -366,6 +382,7 @@ class ChatEngine:
         conversation, _ = await self.store.get_or_create(incoming.key, seed=incoming.thread_context)
         task = asyncio.current_task()
         async with self.store.conversation_lock(conversation.id):
+            self._queued(progress)
             if task is not None:
                 self._active[conversation.id] = task
             try:
@@ -373,6 +390,43 @@ class ChatEngine:
             finally:
                 if self._active.get(conversation.id) is task:
                     del self._active[conversation.id]
+
+    def _queued(self, progress: _Progress) -> None:
+        """Report how long the turn waited behind others of its conversation (to its lock)."""
+        waited = self._clock() - progress.lined_up_at
+        progress.timings["queued_ms"] = _ms(waited)
+        self.metrics.queued(progress.platform, waited)
+
+    def _ended(self, progress: _Progress, outcome: TurnStatus) -> None:
+        """Report a model turn's outcome (answered, failed, stopped, interrupted)."""
+        self.metrics.turn_ended(progress.platform, outcome)
+
+    def _model_call(
+        self, progress: _Progress, started: float, first: float | None, error: Exception | None
+    ) -> None:
+        """Report one model call (an attempt) that ended now, with ``error`` when it failed."""
+        ended = self._clock()
+        first_token = None if first is None else first - started
+        usage = progress.usage
+        self.metrics.model_call(
+            self.provider.name,
+            self.provider.model,
+            ended - started,
+            first_token=first_token,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            error=None if error is None else type(error).__name__,
+        )
+        timings = progress.timings
+        timings["model_ms"] = _ms(ended - started)
+        if first_token is not None:
+            timings["first_token_ms"] = _ms(first_token)
+        for name, tokens in (
+            ("input_tokens", usage.input_tokens),
+            ("output_tokens", usage.output_tokens),
+        ):
+            if tokens is not None:
+                timings[name] = tokens
 
     async def _turn(
         self,
@@ -505,6 +559,7 @@ class ChatEngine:
         parts = progress.parts
 
         async def on_retry(attempt: int, wait: float, error: TransientProviderError) -> None:
+            self.metrics.provider_retry(error)
             log.warning(
                 "conversation %s: provider attempt %d failed (%s); retrying in %.1fs",
                 conversation_id,
@@ -522,16 +577,25 @@ class ChatEngine:
             with attempt:
                 parts.clear()
                 progress.usage = Usage()
-                async for delta in self.provider.stream(
-                    request.window.messages,
-                    system=request.window.system,
-                    max_tokens=request.max_tokens,
-                    usage=progress.usage,
-                ):
-                    if progress.first_token_at is None:
-                        progress.first_token_at = self._clock()
-                    parts.append(delta)
-                    reply.write(delta)
+                started = self._clock()
+                # This attempt's first token (``progress.first_token_at`` is the turn's first).
+                first: float | None = None
+                try:
+                    async for delta in self.provider.stream(
+                        request.window.messages,
+                        system=request.window.system,
+                        max_tokens=request.max_tokens,
+                        usage=progress.usage,
+                    ):
+                        if first is None:
+                            first = self._clock()
+                            progress.first_token_at = progress.first_token_at or first
+                        parts.append(delta)
+                        reply.write(delta)
+                except Exception as error:
+                    self._model_call(progress, started, first, error)
+                    raise
+                self._model_call(progress, started, first, None)
 
     async def _deliver(
         self,
@@ -595,15 +659,21 @@ class ChatEngine:
                 finish_reason=usage.finish_reason,
                 note="the answer could not be saved",
             )
-            return TurnResult("answered", outcome.answer, message_ids, conversation.id)
+            self._ended(progress, "answered")
+            return TurnResult(
+                "answered", outcome.answer, message_ids, conversation.id, progress.timings
+            )
         await self._settle_turn(
             progress.turn_id,
             "answered",
             finish_reason=usage.finish_reason,
             note="cut at the reply limit" if cut else None,
         )
+        self._ended(progress, "answered")
         self._in_background(policy.after_turn(self.store, conversation, self.provider))
-        return TurnResult("answered", outcome.answer, message_ids, conversation.id)
+        return TurnResult(
+            "answered", outcome.answer, message_ids, conversation.id, progress.timings
+        )
 
     async def _failed(
         self, progress: _Progress, reply: ReplySink, message: str, detail: str
@@ -618,7 +688,10 @@ class ChatEngine:
             )
         await reply.fail(message)
         await self._settle_turn(progress.turn_id, "failed", note=detail)
-        return TurnResult("failed", message, conversation_id=progress.conversation_id)
+        self._ended(progress, "failed")
+        return TurnResult(
+            "failed", message, conversation_id=progress.conversation_id, timings=progress.timings
+        )
 
     async def _record_stop(self, progress: _Progress, note: str, *, interrupted: bool) -> None:
         """A cancelled turn keeps what it showed, so roles alternate and nothing is asked twice."""
@@ -647,9 +720,9 @@ class ChatEngine:
                     "the stopped question's status",
                     lambda: self.store.set_message_status(question.id, "failed"),
                 )
-        await self._settle_turn(
-            progress.turn_id, "interrupted" if interrupted else "stopped", note=note
-        )
+        outcome: TurnStatus = "interrupted" if interrupted else "stopped"
+        self._ended(progress, outcome)
+        await self._settle_turn(progress.turn_id, outcome, note=note)
 
     async def _write(self, what: str, write: Callable[[], Awaitable[_T]]) -> _T:
         """A write that matters, retried briefly when the database fails in passing."""

@@ -45,14 +45,21 @@ class ProviderError(ThreadbotError):
 class TransientProviderError(ProviderError):
     """A failure worth retrying: rate limit, server error, overload, timeout, dropped stream.
 
-    ``retry_after`` is the server's own advice in seconds when it gave one.
+    ``retry_after`` is the server's own advice in seconds when it gave one. ``reason`` says what
+    failed when no HTTP status does (``timeout``, ``connection``), for the retry metrics.
     """
 
     def __init__(
-        self, message: str, *, retry_after: float | None = None, status: int | None = None
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        status: int | None = None,
+        reason: str | None = None,
     ) -> None:
         super().__init__(message, status=status)
         self.retry_after = retry_after
+        self.reason = reason
 
 
 class PermanentProviderError(ProviderError):

@@ -1,10 +1,16 @@
-"""Logging for every entry point: LOG_LEVEL on stderr, libraries' chatter hidden unless DEBUG."""
+"""Logging for every entry point: LOG_LEVEL on stderr, libraries' chatter hidden unless DEBUG.
+
+``LOG_FORMAT=json`` writes one JSON object per line (``JsonFormatter``) for log collectors; a
+turn's line carries its conversation, outcome and timings under ``turn``.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import traceback
+from datetime import UTC, datetime
 
 from core.config import Settings, hide_password
 
@@ -14,6 +20,30 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 OWN_LOGGERS = ("core", "bots", "threadbot", "migrations", "__main__")
 #: Below this, a library's lines are start-up noise to an operator unless LOG_LEVEL=DEBUG.
 LIBRARY_LEVEL = logging.ERROR
+
+
+#: Structured fields a log call may pass in ``extra=`` that JSON lines carry as they are.
+JSON_EXTRA_FIELDS = ("turn",)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, exception, and known extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in JSON_EXTRA_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                entry[name] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        # default=str: an id or a path in ``extra`` must never cost the line.
+        return json.dumps(entry, default=str, ensure_ascii=False)
 
 
 class LibraryNoise(logging.Filter):
@@ -41,7 +71,8 @@ def configure_logging(settings: Settings, *, verbose: bool = False, default: str
     """
     level = log_level(settings, verbose=verbose, default=default)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    json_lines = settings.log_format == "json"
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(LOG_FORMAT))
     debugging = level <= logging.DEBUG
     if not debugging:
         handler.addFilter(LibraryNoise())

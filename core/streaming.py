@@ -138,6 +138,14 @@ class _Target:
     complete: bool
 
 
+class CallObserver(Protocol):
+    """What a streamer reports as it calls the platform (``core.metrics.PlatformCalls``)."""
+
+    def call(self, kind: str) -> None: ...
+
+    def rate_limited(self, scope: str) -> None: ...
+
+
 class ReplyStreamer:
     """Streams one answer into platform messages; implements ``core.reply.ReplySink``.
 
@@ -178,8 +186,10 @@ class ReplyStreamer:
         max_failed_calls: int = MAX_FAILED_CALLS,
         retry_base: float = CALL_RETRY_BASE,
         retry_cap: float = CALL_RETRY_CAP,
+        observer: CallObserver | None = None,
     ) -> None:
         self._surface = surface
+        self._observer = observer
         self._append: AppendReplySurface | None = (
             surface
             if native is not None
@@ -227,6 +237,9 @@ class ReplyStreamer:
         self._typing = False
         self.calls = 0
         self.rate_limited = 0
+        # When (``now``) the first answer text and the final text were shown; None: not yet.
+        self.first_text_at: float | None = None
+        self.final_text_at: float | None = None
 
     # -- ReplySink -------------------------------------------------------------------------
 
@@ -317,6 +330,8 @@ class ReplyStreamer:
         except asyncio.CancelledError:
             self._pump_task.cancel()
             raise
+        if self._phase == _FINISHED and self.final_text_at is None and not self._gave_up:
+            self.final_text_at = self._now()
         return self.message_ids
 
     def _content(self) -> str:
@@ -492,12 +507,16 @@ class ReplyStreamer:
                 return True
             target = self._targets()[index]
             self.calls += 1
+            if self._observer is not None:
+                self._observer.call(kind)
             try:
                 await self._call(kind, index, target)
             except SurfaceRateLimited as exc:
                 self.rate_limited += 1
                 limited += 1
                 keys = [exc.scope] if exc.scope else [scope.key for scope in scopes]
+                if self._observer is not None and keys:
+                    self._observer.rate_limited(keys[0])
                 for key in keys:
                     self._budgets.pause(key, exc.retry_after)
                 if limited >= self._max_rate_limited:
@@ -511,6 +530,8 @@ class ReplyStreamer:
                     return False
                 await self._sleep(min(self._retry_cap, self._retry_base * 2 ** (transient - 1)))
             else:
+                if self.first_text_at is None and self._parts and self._messages:
+                    self.first_text_at = self._now()
                 return True
 
     def _posted(self) -> None:

@@ -17,6 +17,7 @@ from discord.gateway import DiscordWebSocket
 from discord.http import INTERNAL_API_VERSION
 
 from bots.discord.client import PLATFORM, DiscordBot
+from bots.metrics_http import metrics_server
 from core.config import Settings
 from core.engine import ChatEngine
 from core.errors import ConfigError
@@ -131,7 +132,7 @@ async def run(settings: Settings, *, engine: ChatEngine | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        async with client:
+        async with client, metrics_server(settings, engine.metrics):
             runner = asyncio.create_task(serve(client, settings, engine.provider.label))
             stopper = asyncio.create_task(stop.wait())
             await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)

@@ -1,7 +1,8 @@
 """``threadbot slack`` (also ``python -m bots.slack``): run the Slack bot.
 
-HTTP mode serves ``POST /slack/events`` and ``GET /healthz`` on ``PORT``; with
-``SLACK_APP_TOKEN`` set the bot connects over Socket Mode instead and serves only ``/healthz``.
+HTTP mode serves ``POST /slack/events``, ``GET /healthz`` and ``GET /metrics`` on ``PORT``; with
+``SLACK_APP_TOKEN`` set the bot connects over Socket Mode instead and serves only ``/healthz``
+and ``/metrics`` there. ``METRICS_PORT`` (when set and not ``PORT``) serves ``/metrics`` too.
 SIGTERM / SIGINT end every reply in progress with a note, then exit.
 """
 
@@ -20,6 +21,7 @@ import aiohttp
 from aiohttp import web
 from slack_sdk.errors import SlackApiError, SlackRequestError
 
+from bots.metrics_http import metrics_server
 from bots.slack.app import EVENTS_PATH, HEALTH_PATH, PLATFORM, SlackBot, check_settings
 from bots.slack.surface import translate
 from core.config import Settings
@@ -63,6 +65,7 @@ async def serve(settings: Settings, stop: asyncio.Event, *, host: str = "0.0.0.0
         raise
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SLACK_API_TIMEOUT_SECONDS))
     runner: web.AppRunner | None = None
+    stack = contextlib.AsyncExitStack()
     # Bolt's Socket Mode handler (untyped); only set in Socket Mode.
     handler: Any = None
     label = engine.provider.label
@@ -75,6 +78,9 @@ async def serve(settings: Settings, stop: asyncio.Event, *, host: str = "0.0.0.0
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, host, settings.port).start()
+        if settings.metrics_port not in (None, settings.port):
+            # /metrics is on PORT already; METRICS_PORT serves it too when it differs.
+            await stack.enter_async_context(metrics_server(settings, engine.metrics, host=host))
         with slack_reachable(settings):
             await bot.start()
         if bot.socket_mode:
@@ -106,6 +112,7 @@ async def serve(settings: Settings, stop: asyncio.Event, *, host: str = "0.0.0.0
             await handler.close_async()
         if runner is not None:
             await runner.cleanup()
+        await stack.aclose()
         await engine.close()
         await session.close()
 

@@ -39,6 +39,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
+from bots.metrics_http import add_metrics_route
 from bots.slack.formatting import mentions, strip_mention, to_plain
 from bots.slack.surface import (
     NATIVE_STREAMS,
@@ -276,11 +277,12 @@ class SlackBot:
     def web_app(self, *, events: bool = True) -> web.Application:
         """The HTTP endpoints: ``POST /slack/events`` (Bolt, unless ``events`` is false: Socket
         Mode) and ``GET /healthz``; both answer 503 until ``start`` succeeded and from ``close``
-        on."""
+        on. ``GET /metrics`` (Prometheus) always answers."""
         app = web.Application(client_max_size=MAX_REQUEST_BYTES)
         if events:
             app.router.add_post(EVENTS_PATH, self._handle_http)
         app.router.add_get(HEALTH_PATH, self._handle_health)
+        add_metrics_route(app, self.engine.metrics)
         return app
 
     async def _handle_http(self, request: web.Request) -> web.Response:

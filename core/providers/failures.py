@@ -273,16 +273,19 @@ def transport_error(exc: BaseException, endpoint: Endpoint) -> TransientProvider
     if isinstance(exc, httpx2.TimeoutException):
         limit = f"{endpoint.timeout:g} s" if endpoint.timeout else "the time allowed"
         return TransientProviderError(
-            f"{vendor} did not answer within {limit} (LLM_TIMEOUT) at {endpoint.base_url}"
+            f"{vendor} did not answer within {limit} (LLM_TIMEOUT) at {endpoint.base_url}",
+            reason="timeout",
         )
     if isinstance(exc, httpx2.ConnectError):
         return TransientProviderError(
             f"cannot connect to {vendor} at {endpoint.base_url} ({one_line(str(exc)) or 'refused'}):"
-            f" check {endpoint.base_url_setting} and that the server is running"
+            f" check {endpoint.base_url_setting} and that the server is running",
+            reason="connection",
         )
     reason = one_line(str(exc)) or type(exc).__name__
     return TransientProviderError(
-        f"the connection to {vendor} dropped before the answer was complete: {reason}"
+        f"the connection to {vendor} dropped before the answer was complete: {reason}",
+        reason="connection",
     )
 
 
