@@ -86,6 +86,12 @@ class Settings:
     rate_limits: tuple[tuple[str, float, int], ...] = ()
     # None: not set, each entry point keeps its own default (the terminal stays quiet).
     log_level: str | None = None
+    # Access (core/access.py): platform ids; None for an allow-list means not set (no limit).
+    allowed_channels: tuple[str, ...] | None = None
+    allowed_users: tuple[str, ...] | None = None
+    blocked_users: tuple[str, ...] = ()
+    allow_dms: bool = True
+    admin_users: tuple[str, ...] = ()
 
     @classmethod
     def load(
@@ -212,6 +218,11 @@ class Settings:
             redis_url=get("REDIS_URL"),
             rate_limits=parse_rate_limits(get("RATE_LIMITS") or ""),
             log_level=parse_log_level(get("LOG_LEVEL")),
+            allowed_channels=parse_ids("ALLOWED_CHANNELS", get("ALLOWED_CHANNELS")),
+            allowed_users=parse_ids("ALLOWED_USERS", get("ALLOWED_USERS")),
+            blocked_users=parse_ids("BLOCKED_USERS", get("BLOCKED_USERS")) or (),
+            allow_dms=get_bool("ALLOW_DMS", True),
+            admin_users=parse_ids("ADMIN_USERS", get("ADMIN_USERS")) or (),
         )
 
     def with_overrides(self, **changes: Any) -> Settings:
@@ -233,6 +244,25 @@ def parse_log_level(raw: str | None) -> str | None:
             f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {raw!r}", setting="LOG_LEVEL"
         )
     return level
+
+
+def parse_ids(name: str, raw: str | None) -> tuple[str, ...] | None:
+    """A comma-separated list of platform ids (``C0123ABCD``, ``slack:U0123``), None when unset.
+
+    Names (``#general``, ``@alice``) and ids run together with spaces are refused: they would
+    match nobody, and an allow-list that matches nobody silences the bot.
+    """
+    if raw is None:
+        return None
+    ids = tuple(part.strip() for part in raw.split(",") if part.strip())
+    for id_ in ids:
+        if id_[0] in "#@<" or any(c.isspace() for c in id_):
+            raise ConfigError(
+                f"{name} takes ids separated by commas (C0123ABCD, U0123ABCD or a Discord id), "
+                f"not {id_!r}",
+                setting=name,
+            )
+    return ids or None
 
 
 def async_database_url(raw: str) -> str:
