@@ -1,9 +1,13 @@
 """The front door: what every platform adapter hands its messages and commands to.
 
 An adapter is a translator, as Bolt's adapters are: a platform event becomes an ``Arrival`` (the
-routing facts, the conversation it belongs to, and three callbacks that do platform I/O), a
+routing facts, the conversation it belongs to, and callbacks that do platform I/O), a
 platform command becomes a ``Command`` with its target. Everything between lives here, once:
 
+- **Access** (``core.access``): who may use the bot where, applied before routing: silence for
+  messages outside the rules, one refusal a day for a DM where DMs are off, a short answer for a
+  command; the rights a command that changes a channel's defaults needs (ADMIN_USERS, or what
+  the platform says through the adapter's ``ChannelRights``).
 - **Routing** (``route``): one pure decision for every platform: DMs, mentions of the bot (its
   user or one of its roles), threads the bot is in, ``REQUIRE_MENTION``; where typed words such
   as ``reset`` are commands; when a thread's earlier messages seed a new conversation.
@@ -40,7 +44,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from core.commands import ChannelTarget, Command, HelpStyle
+from core.access import COMMAND_REFUSALS, DM_REFUSAL, AccessRules, dm_refusal_key
+from core.commands import ChannelTarget, Command, HelpStyle, changes_channel, parse_command
 from core.config import Settings
 from core.conversation import ChatMessage, ConversationKey, IncomingMessage
 from core.engine import ChatEngine, TurnResult
@@ -90,7 +95,13 @@ RECOVERY_MAX_AGE = timedelta(minutes=10)
 #: Takeovers of one turn before it counts as failing for good (each worker died on it).
 MAX_TAKEOVERS = 3
 
+#: Who may change a channel's defaults, said to someone who may not (profiles say their own).
+CHANNEL_RIGHTS_NEEDED = "Only users in ADMIN_USERS can change this channel's defaults."
+
 NativeMode = Literal["auto", "always", "never"]
+#: Answers whether the person behind a message or command has the platform's own rights to
+#: change its channel's defaults (Slack: a workspace admin; Discord: Manage Channels).
+ChannelRights = Callable[[], Awaitable[bool]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +112,8 @@ class PlatformProfile:
     (platforms want an answer within about 3 s). ``typing_refresh``: how often a typing
     indicator is renewed while the model is silent. ``native``: what the platform's native
     streams can do (None: it has none); ``native_mode`` how to use them: ``always``, ``never``,
-    or ``auto`` (where the scope allows it and its budgets are idle).
+    or ``auto`` (where the scope allows it and its budgets are idle). ``channel_rights``: who
+    may change a channel's defaults, the answer to someone who may not.
     """
 
     name: str
@@ -110,6 +122,7 @@ class PlatformProfile:
     typing_refresh: float = TYPING_REFRESH_SECONDS
     native: NativeStreams | None = None
     native_mode: NativeMode = "never"
+    channel_rights: str = CHANNEL_RIGHTS_NEEDED
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +203,8 @@ class Arrival(Protocol):
     the turn's task and only when needed: ``question`` the text for the model (mentions
     stripped, attachments inlined), ``thread`` the thread's earlier messages (oldest first),
     ``reply`` the surface the answer goes to (it may open a thread, as ``route.new_thread``
-    asks, or answer in place where it may not).
+    asks, or answer in place where it may not). ``may_change_channel`` answers, when a typed
+    command would change the channel's defaults, whether the writer has the platform's rights.
     """
 
     facts: Facts
@@ -203,6 +217,8 @@ class Arrival(Protocol):
     async def thread(self) -> Sequence[ThreadLine]: ...
 
     async def reply(self, route: Route) -> ReplySurface: ...
+
+    async def may_change_channel(self) -> bool: ...
 
 
 @runtime_checkable
@@ -258,6 +274,7 @@ class FrontDoor:
         self.profile = profile
         self.budgets = budgets or budgets_for(settings, engine.store)
         self.reopen = reopen
+        self.access = AccessRules.from_settings(settings)
         self.worker = worker_name()
         self._sleep = sleep
         engine.commands.help_styles[profile.name] = profile.help
@@ -279,6 +296,12 @@ class FrontDoor:
         """
         facts, key = arrival.facts, arrival.key
         received = time.monotonic()
+        refusal = self.access.refusal(key.platform, key.channel, arrival.user_id, facts.direct)
+        if refusal is not None:
+            log.debug("%s message %s: refused (%s)", key.platform, arrival.message_id, refusal)
+            if refusal == "dm":
+                self.spawn(self._refuse_dm(arrival), name=f"{key.platform} DM refusal")
+            return None
         with database_errors():
             known = False
             if facts.in_thread and not facts.direct:
@@ -342,8 +365,36 @@ class FrontDoor:
             await self.answer_without_store(surface, INTAKE_FAILED_NOTE)
         return None
 
+    async def _refuse_dm(self, arrival: Arrival) -> None:
+        """Tell a person once a day (across workers: the claim is in the database) that DMs
+        are off; later DMs that day get silence."""
+        event_key = dm_refusal_key(arrival.user_id, datetime.now(UTC).date())
+        try:
+            with database_errors():
+                first = await self.engine.store.claim_event(arrival.key.platform, event_key)
+        except StoreUnavailableError as error:
+            log.warning("DM refusal to %s not sent: %s", arrival.user_id, error)
+            return
+        if first:
+            await self.answer_without_store(await arrival.reply(Route(True)), DM_REFUSAL)
+
     async def _run(self, admission: Admission) -> TurnResult:
         arrival, decision = admission.arrival, admission.route
+        if decision.commands:
+            typed = parse_command(admission.question)
+            if typed is not None and not await self._may_run(
+                typed,
+                arrival.key,
+                arrival.user_id,
+                arrival.facts.direct,
+                arrival.may_change_channel,
+            ):
+                refusal = self.profile.channel_rights
+                await self.answer_without_store(await arrival.reply(decision), refusal)
+                await self.engine.store.update_turn(
+                    admission.turn_id, status="answered", note="refused: no rights to the channel"
+                )
+                return TurnResult("rejected", refusal)
         context = seed_context(await arrival.thread()) if decision.seed else ()
         incoming = IncomingMessage(
             arrival.key,
@@ -585,14 +636,25 @@ class FrontDoor:
         target: ConversationKey | ChannelTarget,
         *,
         acknowledge: Callable[[], Awaitable[None]],
+        user_id: str,
+        direct: bool,
+        may_change_channel: ChannelRights,
     ) -> str:
-        """Run ``command``; the answer to show (an apology when it failed on our side).
+        """Run ``command`` of ``user_id`` (``direct``: in a DM); the answer to show (a refusal
+        outside the access rules, an apology when it failed on our side).
 
-        A command still running after ``profile.command_deadline`` calls ``acknowledge`` first
-        (Slack: an empty ack; Discord: a deferred "thinking"), so the platform's window holds.
+        A command that would change a channel's defaults asks ``may_change_channel`` unless the
+        user is in ADMIN_USERS. A command still running after ``profile.command_deadline`` calls
+        ``acknowledge`` first (Slack: an empty ack; Discord: a deferred "thinking"), so the
+        platform's window holds.
         """
+        refusal = self.access.refusal(target.platform, target.channel, user_id, direct)
+        if refusal is not None:
+            log.debug("%s command of %s: refused (%s)", target.platform, user_id, refusal)
+            return COMMAND_REFUSALS[refusal]
         work: asyncio.Task[str] = self.spawn(
-            self._command_answer(command, target), name=f"command {command.action}"
+            self._command_answer(command, target, user_id, direct, may_change_channel),
+            name=f"command {command.action}",
         )
         deadline = self.profile.command_deadline
         if deadline > 0:
@@ -601,10 +663,32 @@ class FrontDoor:
             await acknowledge()
         return await work
 
+    async def _may_run(
+        self,
+        command: Command,
+        target: ConversationKey | ChannelTarget,
+        user_id: str,
+        direct: bool,
+        may_change_channel: ChannelRights,
+    ) -> bool:
+        """Whether ``user_id`` may run ``command`` at ``target``: changing a channel's defaults
+        needs ADMIN_USERS or the platform's rights (a DM's own settings need none)."""
+        if direct or not changes_channel(command, target):
+            return True
+        return self.access.is_admin(target.platform, user_id) or await may_change_channel()
+
     async def _command_answer(
-        self, command: Command, target: ConversationKey | ChannelTarget
+        self,
+        command: Command,
+        target: ConversationKey | ChannelTarget,
+        user_id: str,
+        direct: bool,
+        may_change_channel: ChannelRights,
     ) -> str:
         try:
+            if not await self._may_run(command, target, user_id, direct, may_change_channel):
+                log.info("%s command %s of %s: no rights", target.platform, command.action, user_id)
+                return self.profile.channel_rights
             return await self.engine.run_command(command, target)
         except ThreadbotError as error:
             log.warning("command %s on %s failed: %s", command.action, target, error)

@@ -94,6 +94,12 @@ class Settings:
     log_format: str = "text"
     otel_exporter_otlp_endpoint: str | None = None
     prometheus_multiproc_dir: str | None = None
+    # Access (core/access.py): platform ids; None for an allow-list means not set (no limit).
+    allowed_channels: tuple[str, ...] | None = None
+    allowed_users: tuple[str, ...] | None = None
+    blocked_users: tuple[str, ...] = ()
+    allow_dms: bool = True
+    admin_users: tuple[str, ...] = ()
 
     @classmethod
     def load(
@@ -224,6 +230,11 @@ class Settings:
             log_format=get_choice("LOG_FORMAT", "text", LOG_FORMATS),
             otel_exporter_otlp_endpoint=parse_otlp_endpoint(get("OTEL_EXPORTER_OTLP_ENDPOINT")),
             prometheus_multiproc_dir=get("PROMETHEUS_MULTIPROC_DIR"),
+            allowed_channels=parse_ids("ALLOWED_CHANNELS", get("ALLOWED_CHANNELS")),
+            allowed_users=parse_ids("ALLOWED_USERS", get("ALLOWED_USERS")),
+            blocked_users=parse_ids("BLOCKED_USERS", get("BLOCKED_USERS")) or (),
+            allow_dms=get_bool("ALLOW_DMS", True),
+            admin_users=parse_ids("ADMIN_USERS", get("ADMIN_USERS")) or (),
         )
 
     def with_overrides(self, **changes: Any) -> Settings:
@@ -258,6 +269,25 @@ def parse_otlp_endpoint(raw: str | None) -> str | None:
             setting="OTEL_EXPORTER_OTLP_ENDPOINT",
         )
     return raw.rstrip("/")
+
+
+def parse_ids(name: str, raw: str | None) -> tuple[str, ...] | None:
+    """A comma-separated list of platform ids (``C0123ABCD``, ``slack:U0123``), None when unset.
+
+    Names (``#general``, ``@alice``) and ids run together with spaces are refused: they would
+    match nobody, and an allow-list that matches nobody silences the bot.
+    """
+    if raw is None:
+        return None
+    ids = tuple(part.strip() for part in raw.split(",") if part.strip())
+    for id_ in ids:
+        if id_[0] in "#@<" or any(c.isspace() for c in id_):
+            raise ConfigError(
+                f"{name} takes ids separated by commas (C0123ABCD, U0123ABCD or a Discord id), "
+                f"not {id_!r}",
+                setting=name,
+            )
+    return ids or None
 
 
 def async_database_url(raw: str) -> str:

@@ -9,8 +9,9 @@ into a ``DiscordReply`` and keeps the turns in flight. What is Discord's stays h
 - a mention in a text channel opens a thread on the message (its id is the message's id) and the
   answer streams inside; where the bot may not open one it answers as a reply in the channel;
 - other bots, webhooks, the bot itself and system messages are dropped before anything else;
-- app commands, their Manage Channels check, and the interaction's 3 s window (deferred when a
-  command is slow). A MESSAGE_CREATE replayed after a RESUME is dropped by the engine's dedupe.
+- app commands, the Manage Channels permission that changing a channel's defaults needs (the
+  front door decides when; the interaction or the member says whether), and the interaction's
+  3 s window (deferred when a command is slow). A MESSAGE_CREATE replayed after a RESUME is dropped by the engine's dedupe.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from discord.gateway import DiscordWebSocket
 from bots.discord.attachments import with_attachments
 from bots.discord.surface import DiscordReply
 from core.bot import Facts, FrontDoor, PlatformProfile, Route, ThreadLine
-from core.commands import ChannelTarget, Command, HelpStyle, changes_channel, parse_command
+from core.commands import ChannelTarget, Command, HelpStyle, parse_command
 from core.config import Settings
 from core.conversation import ConversationKey
 from core.engine import ChatEngine
@@ -80,20 +81,18 @@ THREAD_TYPES = frozenset(
 #: Discord shows a typing indicator for 10 s after each trigger (discord-api-docs "Trigger
 #: Typing Indicator"); refresh it a little before it lapses while the model is silent.
 TYPING_REFRESH_SECONDS = 8.0
+#: Who may change a channel's defaults on Discord, said to someone who may not.
+MANAGE_CHANNELS_NEEDED = (
+    "Changing this channel's defaults needs the Manage Channels permission (or being in "
+    "ADMIN_USERS). Inside a thread, `/system set` changes that thread's conversation only."
+)
 #: Discord as the front door sees it: app commands (``/system set``), typing, no native streams.
 PROFILE = PlatformProfile(
     name=PLATFORM,
     help=HelpStyle(prefix="/", app_commands=True),
     command_deadline=INTERACTION_DEFER_AFTER,
     typing_refresh=TYPING_REFRESH_SECONDS,
-)
-
-MANAGE_CHANNELS_NEEDED = (
-    "Changing this channel's default system prompt needs the Manage Channels permission. "
-    "Inside a thread, `/system set` changes that thread's conversation only."
-)
-MANAGE_CHANNELS_FOR_HISTORY = (
-    "Changing how much history this channel sends needs the Manage Channels permission."
+    channel_rights=MANAGE_CHANNELS_NEEDED,
 )
 THREAD_PERMISSIONS = ("create_public_threads", "send_messages_in_threads")
 
@@ -328,12 +327,11 @@ class DiscordBot(discord.Client):
 
     async def _run_command(self, interaction: discord.Interaction, command: Command) -> None:
         target = self._command_target(interaction)
-        if changes_channel(command, target) and not interaction.permissions.manage_channels:
-            history = command.action in ("history_set", "history_clear")
-            needed = MANAGE_CHANNELS_FOR_HISTORY if history else MANAGE_CHANNELS_NEEDED
-            await interaction.response.send_message(needed, ephemeral=True)
-            return
         deferred = False
+
+        async def manages_channels() -> bool:
+            # The invoking member's permissions in this channel, as Discord sends them.
+            return interaction.permissions.manage_channels
 
         async def defer() -> None:
             # Not answered within the interaction's 3 s: say "thinking" now, edit later.
@@ -341,7 +339,14 @@ class DiscordBot(discord.Client):
             deferred = True
             await interaction.response.defer(ephemeral=True, thinking=True)
 
-        answer = await self.door.command(command, target, acknowledge=defer)
+        answer = await self.door.command(
+            command,
+            target,
+            acknowledge=defer,
+            user_id=str(interaction.user.id),
+            direct=interaction.guild_id is None,
+            may_change_channel=manages_channels,
+        )
         answer = answer[: DiscordReply.max_chars]
         if deferred:
             await interaction.edit_original_response(content=answer)
@@ -489,3 +494,12 @@ class DiscordArrival:
                 return DiscordReply(thread)
         # No thread (an empty mention, or not allowed here): answer as a reply in the channel.
         return DiscordReply(channel, reference=message)
+
+    async def may_change_channel(self) -> bool:
+        """Whether the writer has Manage Channels here (a thread: in its parent channel)."""
+        author, channel = self.message.author, self.message.channel
+        if not isinstance(author, discord.Member) or isinstance(
+            channel, discord.abc.PrivateChannel
+        ):
+            return False
+        return channel.permissions_for(author).manage_channels

@@ -19,12 +19,16 @@ turns in flight. Platform checks stay at this edge:
 - Where a message goes is the front door's decision (``core.bot.route``); this module says what
   Slack calls a DM, a mention and a thread, and reads a thread's earlier messages
   (``conversations.replies``) when the front door asks for them.
+- Who may change a channel's defaults is Slack's answer (``may_change_channel``): workspace
+  admins and owners, from ``users.info``, remembered per user for ``ADMIN_CACHE_SECONDS``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -96,6 +100,16 @@ INTAKE_DEADLINE_SECONDS = 2.0
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 #: SLACK_STREAMING -> how the front door uses native streams.
 NATIVE_MODES: dict[str, NativeMode] = {"auto": "auto", "native": "always", "update": "never"}
+#: Who may change a channel's defaults on Slack, said to someone who may not.
+CHANNEL_RIGHTS_NEEDED = (
+    "Only workspace admins and owners (or users in ADMIN_USERS) can change this channel's defaults."
+)
+#: ``users.info`` fields that make a workspace admin (an owner is always an admin too, but
+#: Slack's docs list the three separately).
+ADMIN_FLAGS = ("is_admin", "is_owner", "is_primary_owner")
+#: Seconds a user's admin standing is remembered (users.info is Tier 4; a demoted admin keeps
+#: the rights this long).
+ADMIN_CACHE_SECONDS = 300.0
 
 
 def profile(
@@ -109,6 +123,7 @@ def profile(
         command_deadline=command_deadline,
         native=NATIVE_STREAMS,
         native_mode=NATIVE_MODES[settings.slack_streaming],
+        channel_rights=CHANNEL_RIGHTS_NEEDED,
     )
 
 
@@ -185,6 +200,8 @@ class SlackBot:
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._identity: AsyncSlackResponse | None = None
         self._identity_lock = asyncio.Lock()
+        # user id -> (workspace admin, monotonic time the answer expires).
+        self._admins: dict[str, tuple[bool, float]] = {}
 
         # A plain function: Bolt injects arguments by parameter name and trips over ``self``.
         async def authorize(enterprise_id: str | None, team_id: str | None) -> AuthorizeResult:
@@ -388,6 +405,31 @@ class SlackBot:
             log.warning("cannot reopen a reply at %r", place)
             return None
 
+    async def may_change_channel(self, user_id: str) -> bool:
+        """Whether ``user_id`` is a workspace admin or owner (``users.info``, cached a while).
+
+        A failed look-up counts as no (and is not remembered): rights are never granted by an
+        outage.
+        """
+        cached = self._admins.get(user_id)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        try:
+            with translated_errors("users.info", None):
+                response = await self.client.users_info(user=user_id)
+        except SurfaceError as error:
+            log.warning(
+                "cannot tell whether %s is a workspace admin (%s); the app needs the users:read "
+                "scope",
+                user_id,
+                error,
+            )
+            return False
+        user = response.get("user") or {}
+        admin = any(bool(user.get(flag)) for flag in ADMIN_FLAGS)
+        self._admins[user_id] = (admin, time.monotonic() + ADMIN_CACHE_SECONDS)
+        return admin
+
     # -- slash command ---------------------------------------------------------------------
 
     async def _on_command(
@@ -401,8 +443,10 @@ class SlackBot:
         parsed = parse_command(str(command.get("text", ""))) or Command("help")
         team = str(command.get("team_id") or self.team_id)
         channel = str(command.get("channel_id", ""))
+        user = str(command.get("user_id", ""))
         target: ConversationKey | ChannelTarget
-        if channel.startswith("D") or command.get("channel_name") == "directmessage":
+        direct = channel.startswith("D") or command.get("channel_name") == "directmessage"
+        if direct:
             target = ConversationKey(PLATFORM, team, channel, "")
         else:
             target = ChannelTarget(PLATFORM, team, channel)
@@ -413,7 +457,14 @@ class SlackBot:
             acknowledged = True
             await ack()
 
-        answer = await self.door.command(parsed, target, acknowledge=acknowledge)
+        answer = await self.door.command(
+            parsed,
+            target,
+            acknowledge=acknowledge,
+            user_id=user,
+            direct=direct,
+            may_change_channel=functools.partial(self.may_change_channel, user),
+        )
         if acknowledged:
             await respond(response_type="ephemeral", text=answer)
         else:
@@ -458,6 +509,9 @@ class SlackArrival:
 
     async def reply(self, route: Route) -> SlackReply:
         return self.bot.reply_surface(self.target)
+
+    async def may_change_channel(self) -> bool:
+        return await self.bot.may_change_channel(self.user_id)
 
 
 def _speaker(message: dict[str, Any]) -> str:

@@ -72,6 +72,7 @@ class ToyArrival:
         known_thread = thread in chat.threads
         self.facts = Facts(direct=False, mentioned=mentioned, in_thread=known_thread)
         self.place = thread
+        self.admin = False
 
     async def question(self) -> str:
         return self.text
@@ -81,6 +82,9 @@ class ToyArrival:
 
     async def reply(self, route: Route) -> ToySurface:
         return ToySurface(self.chat, self.key.thread)
+
+    async def may_change_channel(self) -> bool:
+        return self.admin
 
 
 TOY = PlatformProfile(name="toy", help=HelpStyle(prefix="!"), command_deadline=1.0)
@@ -112,12 +116,16 @@ async def test_a_platform_written_in_the_test_runs_through_the_front_door(
     async def ack() -> None:
         acks.append("ack")
 
+    async def no_rights() -> bool:
+        return False
+
+    who = {"user_id": "alice", "direct": False, "may_change_channel": no_rights}
     answer = await door.command(
-        Command("reset"), ToyArrival(chat, "t1", "", mentioned=True).key, acknowledge=ack
+        Command("reset"), ToyArrival(chat, "t1", "", mentioned=True).key, acknowledge=ack, **who
     )
     assert answer.startswith("Conversation reset") and acks == []
     assert "!reset" in await door.command(
-        Command("help"), ToyArrival(chat, "x", "", mentioned=True).key, acknowledge=ack
+        Command("help"), ToyArrival(chat, "x", "", mentioned=True).key, acknowledge=ack, **who
     )
 
     chat.rate_limit_next_edit = True

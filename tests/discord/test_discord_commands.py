@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bots.discord.client import MANAGE_CHANNELS_FOR_HISTORY, MANAGE_CHANNELS_NEEDED
+from bots.discord.client import MANAGE_CHANNELS_NEEDED
 from core.config import DEFAULT_SYSTEM_PROMPT
 from tests.wire.discord.harness import running_bot
 from tests.wire.discord.server import FakeDiscord
@@ -188,7 +188,7 @@ async def test_history_app_command_sets_the_channel_strategy_with_manage_channel
         assert "newest 20 messages" in await _answer(fake, token)
         options: dict[str, str | int] = {"strategy": "count", "limit": 2}
         token = await fake.send_interaction("history", channel, subcommand="set", options=options)
-        assert await _answer(fake, token) == MANAGE_CHANNELS_FOR_HISTORY
+        assert await _answer(fake, token) == MANAGE_CHANNELS_NEEDED
         token = await fake.send_interaction(
             "history", channel, subcommand="set", options=options, permissions=MANAGE_CHANNELS
         )

@@ -174,6 +174,8 @@ async def test_slash_command_in_a_channel_sets_the_default_for_new_threads(
     sqlite_url: str,
 ) -> None:
     async with running_bot(sqlite_url) as h:
+        # Changing a channel's defaults takes a workspace admin (tests/slack/test_access.py).
+        h.fake.users["U_ALICE"] = {"id": "U_ALICE", "is_admin": True}
         answer = await h.sender.command("/chatbot", "system Answer like a pirate.")
         assert answer.status == 200
         assert answer.json["response_type"] == "ephemeral"
@@ -199,6 +201,7 @@ async def test_slash_command_in_a_channel_sets_the_default_for_new_threads(
 
 async def test_slash_command_history_sets_the_channel_window(sqlite_url: str) -> None:
     async with running_bot(sqlite_url) as h:
+        h.fake.users["U_ALICE"] = {"id": "U_ALICE", "is_admin": True}
         answer = await h.sender.command("/chatbot", "history count 2")
         assert answer.json["response_type"] == "ephemeral"
         assert "newest 2 messages" in answer.json["text"]

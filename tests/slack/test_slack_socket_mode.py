@@ -108,6 +108,7 @@ async def test_healthz_answers_200_and_no_events_endpoint_is_served(
 async def test_slash_command_is_answered_in_the_ack_payload(
     fake: SocketModeSlack, tmp_path: Path
 ) -> None:
+    fake.users["U_ALICE"] = {"id": "U_ALICE", "is_owner": True}
     async with socket_bot(fake, tmp_path) as (_, sender):
         set_answer = await sender.command(
             "/chatbot", "system Answer in French.", response_url=fake.response_url("set")

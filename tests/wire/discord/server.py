@@ -147,6 +147,8 @@ class FakeDiscord:
         self.app_id = self.snowflake()
         self.guild_id = self.snowflake()
         self.owner = self.make_user("owner")
+        #: The @everyone role's permissions (the guild's owner has every permission anyway).
+        self.everyone_permissions = (1 << 41) - 1
         self.channels: dict[int, Json] = {}
         self.messages: dict[int, FakeMessage] = {}
         self.attachments: dict[str, bytes] = {}
@@ -668,7 +670,14 @@ class FakeDiscord:
         if webhook_id is not None:
             data["webhook_id"] = str(webhook_id)
         if "guild_id" in data:
-            data["member"] = {"roles": [], "joined_at": _iso(), "deaf": False, "mute": False}
+            # As Discord sends it (discord.py makes the author a Member only with every field).
+            data["member"] = {
+                "roles": [],
+                "joined_at": _iso(),
+                "deaf": False,
+                "mute": False,
+                "flags": 0,
+            }
         return data
 
     async def send_message(self, channel_id: int, content: str, **kwargs: Any) -> Json:
@@ -740,7 +749,7 @@ class FakeDiscord:
         everyone = {
             "id": str(self.guild_id),
             "name": "@everyone",
-            "permissions": str((1 << 41) - 1),
+            "permissions": str(self.everyone_permissions),
             "position": 0,
             "color": 0,
             "hoist": False,
