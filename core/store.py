@@ -49,7 +49,12 @@ from sqlalchemy.exc import (
     NoSuchModuleError,
     OperationalError,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from core.conversation import ChatMessage, ConversationKey, Role
@@ -977,6 +982,9 @@ class ConversationStore:
         try:
             async with asyncio.timeout(PING_TIMEOUT_SECONDS), self.engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
+        except TimeoutError:
+            # A dead network answers nothing at all; the error's own text is empty.
+            return f"no answer within {PING_TIMEOUT_SECONDS:g} s"
         except Exception as error:
             return f"{type(error).__name__}: {error}".splitlines()[0][:200] or "no answer"
         return None
@@ -1025,8 +1033,7 @@ class ConversationStore:
             try:
                 yield
             finally:
-                await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                await conn.commit()
+                await _unlock(conn, key, conversation_id)
 
     # -- shared rate-limit budgets (PostgreSQL) --------------------------------------------------
 
@@ -1157,6 +1164,22 @@ def _current_generation(conversation_id: int) -> Any:
         .where(ConversationRow.id == conversation_id)
         .scalar_subquery()
     )
+
+
+async def _unlock(conn: AsyncConnection, key: int, conversation_id: int) -> None:
+    """Release a conversation's advisory lock. A connection that dropped meanwhile (the database
+    restarted, the network broke) took the lock with it: the turn it guarded still ends well."""
+    try:
+        await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        await conn.commit()
+    except Exception as error:
+        if not is_passing_database_error(error):
+            raise
+        log.warning(
+            "conversation %s: its lock's connection dropped (%s); the server released the lock",
+            conversation_id,
+            " ".join(str(getattr(error, "orig", None) or error).split()),
+        )
 
 
 def _advisory_key(conversation_id: int) -> int:

@@ -350,7 +350,9 @@ class SlackBot:
                 admission = await self.door.admit(SlackArrival(self, event, team))
         except (StoreUnavailableError, TimeoutError) as error:
             self._recent.pop(id_, None)
-            log.warning("%s not taken (%s): answering 503 so Slack delivers it again", id_, error)
+            # A TimeoutError has no text of its own: say which deadline passed.
+            reason = str(error) or f"not recorded within {INTAKE_DEADLINE_SECONDS:g} s"
+            log.warning("%s not taken (%s): answering 503 so Slack delivers it again", id_, reason)
             return BoltResponse(status=503, body="")
         if admission is not None:
             self.door.start(admission)
