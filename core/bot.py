@@ -92,6 +92,10 @@ INTAKE_ATTEMPTS = 4
 INTAKE_RETRY_BASE_SECONDS = 0.5
 #: A turn left unfinished by a dead worker older than this is marked, not answered again.
 RECOVERY_MAX_AGE = timedelta(minutes=10)
+#: A lease must have lapsed this long before a turn is taken over: after a database outage its
+#: own worker, if alive, saves the turn's outcome within a moment (core.engine
+#: OUTCOME_RETRY_INTERVAL_SECONDS), and the turn must not be answered again by another.
+RECOVERY_GRACE_SECONDS = 3.0
 #: Takeovers of one turn before it counts as failing for good (each worker died on it).
 MAX_TAKEOVERS = 3
 
@@ -267,6 +271,7 @@ class FrontDoor:
         *,
         budgets: Budgets | None = None,
         reopen: Reopen | None = None,
+        recovery_grace: float = RECOVERY_GRACE_SECONDS,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.settings = settings
@@ -274,6 +279,7 @@ class FrontDoor:
         self.profile = profile
         self.budgets = budgets or budgets_for(settings, engine.store)
         self.reopen = reopen
+        self.recovery_grace = recovery_grace
         self.access = AccessRules.from_settings(settings)
         self.worker = worker_name()
         self._sleep = sleep
@@ -550,6 +556,7 @@ class FrontDoor:
                 self.worker,
                 lease_seconds=self.settings.turn_lease_seconds,
                 platform=self.profile.name,
+                grace_seconds=self.recovery_grace,
             )
         for turn in turns:
             log.info(

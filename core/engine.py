@@ -76,6 +76,10 @@ _T = TypeVar("_T")
 
 ResultStatus = Literal["answered", "duplicate", "command", "rejected", "failed", "cancelled"]
 
+#: A turn's outcome that could not be saved is tried again this often, for this long: the
+#: database came back before its lease lapsed, or another worker answers the turn again.
+OUTCOME_RETRY_INTERVAL_SECONDS = 0.25
+OUTCOME_RETRY_SECONDS = 600.0
 #: How often processed platform events older than any redelivery are forgotten (seconds).
 EVENT_PRUNE_INTERVAL = 3600.0
 #: A retry before any token was shown stays silent when its wait is shorter than this (seconds).
@@ -746,15 +750,38 @@ class ChatEngine:
         """Record a turn's progress or outcome on its durable record, when it has one."""
         if turn_id is None:
             return
-        await self._quietly(
-            f"turn {turn_id}'s status",
-            lambda: self.store.update_turn(
+
+        def record() -> Awaitable[None]:
+            return self.store.update_turn(
                 turn_id,
                 status=status,
                 finish_reason=finish_reason,
                 note=None if note is None else note[:MAX_TURN_NOTE_CHARS],
-            ),
-        )
+            )
+
+        try:
+            await self._write(f"turn {turn_id}'s status", record)
+        except Exception as error:
+            if status in ("received", "answering"):
+                log.error("could not save turn %s's status %s: %s", turn_id, status, error)
+                return
+            # The outcome must land before the turn's lease lapses, or a live worker would take
+            # the finished turn over and answer it again: keep trying while the database is down.
+            log.error("turn %s's outcome (%s) not saved yet (%s); retrying", turn_id, status, error)
+            self._in_background(self._settle_later(turn_id, record))
+
+    async def _settle_later(self, turn_id: int, record: Callable[[], Awaitable[None]]) -> None:
+        """Record a turn's outcome once the database answers again (bounded, then logged)."""
+        deadline = self._clock() + OUTCOME_RETRY_SECONDS
+        while self._clock() < deadline:
+            await asyncio.sleep(OUTCOME_RETRY_INTERVAL_SECONDS)
+            try:
+                await record()
+            except Exception:
+                continue
+            log.info("turn %s's outcome saved after the database came back", turn_id)
+            return
+        log.error("turn %s's outcome could not be saved; recovery may answer it again", turn_id)
 
     def _context_tokens(self) -> int | None:
         """The model's context window: the setting, else what its server said before."""

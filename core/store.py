@@ -945,13 +945,27 @@ class ConversationStore:
         return bool(getattr(result, "rowcount", 0))
 
     async def claim_stale_turns(
-        self, worker: str, *, lease_seconds: float, platform: str | None = None, limit: int = 20
+        self,
+        worker: str,
+        *,
+        lease_seconds: float,
+        platform: str | None = None,
+        limit: int = 20,
+        grace_seconds: float = 0.0,
     ) -> list[TurnRecord]:
-        """Take over open turns whose lease expired (their worker died): each goes to exactly
-        one caller across processes (a compare-and-set on the lease), oldest first."""
+        """Take over other workers' open turns whose lease expired ``grace_seconds`` ago or more
+        (their worker died): each goes to exactly one caller across processes (a compare-and-set
+        on the lease), oldest first."""
         now = _now()
-        expired = TurnRow.status.in_(OPEN_TURN_STATUSES) & (
-            TurnRow.lease_until.is_(None) | (TurnRow.lease_until < now)
+        # Never the caller's own turns: a live worker is still finishing them (after a database
+        # outage it saves their outcomes as soon as it can).
+        expired = (
+            TurnRow.status.in_(OPEN_TURN_STATUSES)
+            & (TurnRow.worker.is_(None) | (TurnRow.worker != worker))
+            & (
+                TurnRow.lease_until.is_(None)
+                | (TurnRow.lease_until < now - timedelta(seconds=grace_seconds))
+            )
         )
         query = select(TurnRow.id).where(expired).order_by(TurnRow.id).limit(limit)
         if platform is not None:

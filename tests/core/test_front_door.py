@@ -157,7 +157,7 @@ async def test_a_turn_whose_worker_died_after_intake_is_answered_by_another(
     dead = FrontDoor(settings, engine, TOY, budgets=Budgets())
     admitted = await dead.admit(ToyArrival(chat, "t1", "are you there?", mentioned=True))
     assert admitted is not None  # recorded, then its worker died before answering
-    alive = FrontDoor(settings, engine, TOY, budgets=Budgets(), reopen=reopen)
+    alive = FrontDoor(settings, engine, TOY, budgets=Budgets(), reopen=reopen, recovery_grace=0)
     assert await alive.recover() == 0  # its lease still runs
     await asyncio.sleep(1.1)
     provider.enqueue(["Yes, ", "here."])
