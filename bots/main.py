@@ -1,4 +1,4 @@
-"""The ``threadbot`` command: ``chat``, ``slack``, ``discord``, ``db upgrade``."""
+"""The ``threadbot`` command: ``chat``, ``slack``, ``discord``, ``db upgrade``, ``usage``."""
 
 from __future__ import annotations
 
@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         add_help=False,
     )
     sub.add_parser("discord", help="run the Discord bot", add_help=False)
+    sub.add_parser(
+        "usage", help="turns, tokens and cost per day, user, channel or model", add_help=False
+    )
     db = sub.add_parser("db", help="database maintenance")
     db.add_argument("action", choices=["upgrade"], help="apply migrations")
     db.add_argument("--verbose", "-v", action="store_true", help="show the traceback of a failure")
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         "chat": "bots.cli",
         "slack": "bots.slack.__main__",
         "discord": "bots.discord.__main__",
+        "usage": "bots.usage",
     }[args.command]
     entry = importlib.import_module(module).main
     result: int = entry(rest)

@@ -100,6 +100,13 @@ class Settings:
     blocked_users: tuple[str, ...] = ()
     allow_dms: bool = True
     admin_users: tuple[str, ...] = ()
+    # Dollars per million tokens, input and output, by model: over the built-in list prices.
+    model_prices: tuple[tuple[str, float, float], ...] = ()
+    # Tokens (input and output) a user, or a channel, may spend per UTC day (None: no limit).
+    user_daily_tokens: int | None = None
+    channel_daily_tokens: int | None = None
+    # Questions a user may ask per minute; more are told to wait (0: no limit).
+    user_messages_per_minute: int = 10
 
     @classmethod
     def load(
@@ -235,6 +242,10 @@ class Settings:
             blocked_users=parse_ids("BLOCKED_USERS", get("BLOCKED_USERS")) or (),
             allow_dms=get_bool("ALLOW_DMS", True),
             admin_users=parse_ids("ADMIN_USERS", get("ADMIN_USERS")) or (),
+            model_prices=parse_model_prices(get("MODEL_PRICES") or ""),
+            user_daily_tokens=get_optional_int("USER_DAILY_TOKENS", 1),
+            channel_daily_tokens=get_optional_int("CHANNEL_DAILY_TOKENS", 1),
+            user_messages_per_minute=get_int("USER_MESSAGES_PER_MINUTE", 10),
         )
 
     def with_overrides(self, **changes: Any) -> Settings:
@@ -350,3 +361,28 @@ def parse_rate_limits(text: str) -> tuple[tuple[str, float, int], ...]:
             ) from None
         limits.append((pattern.strip(), calls / seconds, burst))
     return tuple(limits)
+
+
+def parse_model_prices(text: str) -> tuple[tuple[str, float, float], ...]:
+    """Parse ``MODEL_PRICES``: comma-separated ``model=input/output`` in dollars per million
+    tokens (``gpt-4.1-mini=0.4/1.6``)."""
+    prices: list[tuple[str, float, float]] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        model, _, rate = item.partition("=")
+        fields = rate.split("/")
+        try:
+            if not model.strip() or len(fields) != 2:
+                raise ValueError
+            paid_in, paid_out = float(fields[0]), float(fields[1])
+            if not (0 <= paid_in < float("inf") and 0 <= paid_out < float("inf")):
+                raise ValueError
+        except ValueError:
+            raise ConfigError(
+                f"MODEL_PRICES entry {item!r} is not model=input/output in dollars per million "
+                "tokens, e.g. gpt-4.1-mini=0.4/1.6",
+                setting="MODEL_PRICES",
+            ) from None
+        prices.append((model.strip(), paid_in, paid_out))
+    return tuple(prices)

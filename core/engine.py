@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, TypeVar
 
 from core.commands import (
@@ -69,6 +70,8 @@ from core.store import (
     TurnStatus,
     retry_write,
 )
+from core.tokens import counter_for
+from core.usage import Limits, Tally
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +131,8 @@ class _Progress:
     # The text of the current attempt, as the reply shows it.
     parts: list[str] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
+    # Every attempt's tokens, stored with the turn when it ends.
+    tally: Tally = field(default_factory=Tally)
     first_token_at: float | None = None
     # Set once the turn records its own outcome (answer stored, or failure): a cancel then
     # records nothing more.
@@ -223,6 +228,7 @@ class ChatEngine:
         self._background: set[asyncio.Task[None]] = set()
         self._last_prune: float | None = None
         self.commands = CommandRunner(settings, store, self._stop_turn)
+        self.limits = Limits(settings, store)
 
     @classmethod
     async def create(cls, settings: Settings, *, provider: Provider | None = None) -> ChatEngine:
@@ -331,6 +337,10 @@ class ChatEngine:
             await self._settle_turn(incoming.turn_id, "answered", note="refused: " + refusal)
             return TurnResult("rejected", refusal)
         command = parse_command(text) if incoming.allow_commands else None
+        if command is None:
+            incoming, refused = await self._metered(incoming, reply)
+            if refused is not None:
+                return refused
 
         await reply.begin()
         task = asyncio.current_task()
@@ -363,11 +373,72 @@ class ChatEngine:
             raise
         finally:
             progress.settled.set()
+            await asyncio.shield(self._record_usage(progress))
             if task is not None:
                 self._cancel_notes.pop(task, None)
                 self._interrupting.discard(task)
                 self._progress.pop(task, None)
                 self._begun.discard(task)
+
+    async def _metered(
+        self, incoming: IncomingMessage, reply: ReplySink
+    ) -> tuple[IncomingMessage, TurnResult | None]:
+        """A question under the usage limits: the turn's record (one is opened for a turn that
+        came without, as the terminal's do, so its usage is stored too), and the answer when a
+        limit turns it away (the model is not called)."""
+        local = incoming.turn_id is None
+        if local:
+            incoming = replace(incoming, turn_id=await self._local_turn(incoming))
+        try:
+            refusal = await self.limits.refusal(
+                incoming.key, incoming.user_id, incoming.turn_id, paced=not local
+            )
+        except Exception as error:
+            # The limits cannot be read: answering beats refusing everybody during a blip.
+            log.warning("usage limits not checked (%s); answering", error)
+            return incoming, None
+        if refusal is None:
+            return incoming, None
+        log.info("%s: user %s refused (%s)", incoming.key, incoming.user_id, refusal.limit)
+        await self._say(reply, refusal.message)
+        turn_id = incoming.turn_id
+        if turn_id is not None:
+            await self._quietly(
+                "the refusal", lambda: self.store.refuse_turn(turn_id, refusal.limit)
+            )
+        await self._settle_turn(turn_id, "failed", note="refused: " + refusal.message)
+        return incoming, TurnResult("rejected", refusal.message)
+
+    async def _local_turn(self, incoming: IncomingMessage) -> int | None:
+        """A record for a turn no front door recorded (None when it cannot be written)."""
+        try:
+            conversation, _ = await self.store.get_or_create(
+                incoming.key, seed=incoming.thread_context
+            )
+            # Nobody recovers a local turn (no front door serves its platform): the lease only
+            # keeps the record's shape.
+            turn = await self.store.open_turn(
+                conversation.id,
+                platform=incoming.key.platform,
+                question=incoming.text,
+                worker=f"local:{os.getpid()}",
+                lease_seconds=self.settings.turn_lease_seconds,
+                user_id=incoming.user_id,
+            )
+        except Exception as error:
+            log.warning("%s: the turn could not be recorded (%s)", incoming.key, error)
+            return None
+        return None if turn is None else turn.id
+
+    async def _record_usage(self, progress: _Progress) -> None:
+        """Store what the turn's requests used and cost, when it called the model."""
+        turn_id, tally = progress.turn_id, progress.tally
+        if turn_id is None or not tally.called:
+            return
+        usage = tally.usage(self.settings, self.provider.name, self.provider.model)
+        await self._quietly(
+            "the turn's usage", lambda: self.store.record_turn_usage(turn_id, usage)
+        )
 
     def _refusal(self, text: str) -> str | None:
         """What to say instead of answering ``text`` (empty or too long), or None."""
@@ -599,7 +670,16 @@ class ChatEngine:
                 except Exception as error:
                     self._model_call(progress, started, first, error)
                     raise
-                self._model_call(progress, started, first, None)
+                else:
+                    self._model_call(progress, started, first, None)
+                finally:
+                    # A failed or stopped attempt used tokens too.
+                    progress.tally.add(
+                        progress.usage,
+                        sent_tokens=request.window.tokens,
+                        shown="".join(parts),
+                        counter=counter_for(self.settings),
+                    )
 
     async def _deliver(
         self,

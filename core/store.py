@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Double,
     ForeignKey,
@@ -144,6 +145,8 @@ class TurnRow(Base):
     __table_args__ = (
         Index("ix_turns_open", "status", "lease_until"),
         Index("ix_turns_conversation", "conversation_id", "id"),
+        Index("ix_turns_user_time", "platform", "user_id", "created_at"),
+        Index("ix_turns_created", "created_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -164,6 +167,13 @@ class TurnRow(Base):
     note: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    # Usage and cost (migration 0004); NULL tokens: the model was never called.
+    model: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    input_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    output_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tokens_estimated: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    cost_usd: Mapped[float | None] = mapped_column(Double, nullable=True)
+    refused: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 class ChannelSettingsRow(Base):
@@ -287,6 +297,33 @@ class ChannelSettings:
     history_strategy: str | None = None
     max_history_messages: int | None = None
     max_history_tokens: int | None = None
+
+
+#: How ``usage_report`` groups turns.
+UsageGrouping = Literal["user", "channel", "model", "day"]
+
+
+@dataclass(frozen=True, slots=True)
+class TurnUsage:
+    """What one turn's requests to the model used: reported by the provider, else estimated
+    (``estimated``); ``cost_usd`` None when the model has no price."""
+
+    model: str
+    input_tokens: int
+    output_tokens: int
+    estimated: bool
+    cost_usd: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageGroup:
+    """One line of a usage report; ``cost`` None when no turn of the group had a price."""
+
+    key: str
+    turns: int
+    input_tokens: int
+    output_tokens: int
+    cost: float | None
 
 
 def _conversation(row: ConversationRow) -> Conversation:
@@ -1107,6 +1144,113 @@ class ConversationStore:
                 "shared rate-limit budgets need PostgreSQL (DATABASE_URL); "
                 "on SQLite one process paces its own calls"
             )
+
+    # -- usage -----------------------------------------------------------------------------------
+
+    async def record_turn_usage(self, turn_id: int, usage: TurnUsage) -> None:
+        """Store what a turn's requests to the model used and cost."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(TurnRow)
+                .where(TurnRow.id == turn_id)
+                .values(
+                    model=usage.model[:200],
+                    input_tokens=usage.input_tokens,
+                    output_tokens=usage.output_tokens,
+                    tokens_estimated=usage.estimated,
+                    cost_usd=usage.cost_usd,
+                    updated_at=_now(),
+                )
+            )
+
+    async def refuse_turn(self, turn_id: int, limit: str) -> None:
+        """Mark a turn turned away by ``limit`` (it is not counted against the rate)."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(TurnRow).where(TurnRow.id == turn_id).values(refused=limit[:16])
+            )
+
+    async def tokens_since(
+        self,
+        since: datetime,
+        *,
+        platform: str,
+        user_id: str | None = None,
+        channel: tuple[str, str] | None = None,
+    ) -> int:
+        """Tokens (input and output) of ``platform``'s turns since ``since``: one user's, or one
+        channel's (``(workspace, channel)``), across every worker."""
+        spent = func.coalesce(func.sum(TurnRow.input_tokens + TurnRow.output_tokens), 0)
+        query = select(spent).where(TurnRow.platform == platform, TurnRow.created_at >= since)
+        if user_id is not None:
+            query = query.where(TurnRow.user_id == user_id)
+        if channel is not None:
+            query = query.join(ConversationRow, ConversationRow.id == TurnRow.conversation_id)
+            query = query.where(
+                ConversationRow.workspace == channel[0], ConversationRow.channel == channel[1]
+            )
+        async with self._sessions() as session:
+            return int(await session.scalar(query) or 0)
+
+    async def recent_turn_times(
+        self, platform: str, user_id: str, since: datetime, *, before_id: int | None
+    ) -> list[datetime]:
+        """When ``user_id``'s turns accepted since ``since`` (and before turn ``before_id``)
+        arrived, oldest first; turns a limit turned away are left out."""
+        query = select(TurnRow.created_at).where(
+            TurnRow.platform == platform,
+            TurnRow.user_id == user_id,
+            TurnRow.created_at >= since,
+            TurnRow.refused.is_(None),
+        )
+        if before_id is not None:
+            query = query.where(TurnRow.id < before_id)
+        async with self._sessions() as session:
+            times = await session.scalars(query.order_by(TurnRow.created_at))
+            return [_aware(t) or t for t in times]
+
+    async def usage_report(self, since: datetime, by: UsageGrouping) -> list[UsageGroup]:
+        """Turns that called the model since ``since``, with their tokens and cost, per ``by``."""
+        key = self._usage_key(by)
+        priced = func.count(TurnRow.cost_usd)
+        query = (
+            select(
+                key,
+                func.count(),
+                func.coalesce(func.sum(TurnRow.input_tokens), 0),
+                func.coalesce(func.sum(TurnRow.output_tokens), 0),
+                func.coalesce(func.sum(TurnRow.cost_usd), 0.0),
+                priced,
+            )
+            .join(ConversationRow, ConversationRow.id == TurnRow.conversation_id)
+            .where(TurnRow.created_at >= since, TurnRow.input_tokens.is_not(None))
+            .group_by(key)
+            .order_by(key)
+        )
+        async with self._sessions() as session:
+            rows = (await session.execute(query)).all()
+        return [
+            UsageGroup(str(k), int(n), int(i), int(o), float(c) if p else None)
+            for k, n, i, o, c, p in rows
+        ]
+
+    def _usage_key(self, by: UsageGrouping) -> Any:
+        if by == "user":
+            return TurnRow.platform + ":" + func.coalesce(TurnRow.user_id, "-")
+        if by == "channel":
+            return (
+                ConversationRow.platform
+                + ":"
+                + ConversationRow.workspace
+                + ":"
+                + ConversationRow.channel
+            )
+        if by == "model":
+            return TurnRow.model
+        # Timestamps are stored in UTC: SQLite keeps them as ISO text, date first.
+        if self.is_postgres:
+            return func.to_char(func.timezone("UTC", TurnRow.created_at), "YYYY-MM-DD")
+        return func.substr(TurnRow.created_at, 1, 10)
 
     # -- queries -------------------------------------------------------------------------------
 

@@ -78,7 +78,9 @@ async def test_twenty_conversations_stream_at_once_in_different_channels(tmp_pat
     fake = FakeDiscord(window=1.0)
     await fake.start()
     try:
-        async with running_bot(tmp_path, fake=fake, provider_delay=0.005) as bot:
+        # One fake user asks all twenty: the per-user message rate is not what this measures.
+        quick = {"USER_MESSAGES_PER_MINUTE": "0"}
+        async with running_bot(tmp_path, fake=fake, env=quick, provider_delay=0.005) as bot:
             channels = [fake.add_text_channel(f"room-{i}") for i in range(20)]
             for cid in channels:
                 await fake.dispatch("CHANNEL_CREATE", fake.channels[cid])

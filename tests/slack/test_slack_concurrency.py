@@ -23,7 +23,14 @@ CHANNELS = 5
 async def test_twenty_conversations_stream_at_once_without_a_429(
     sqlite_url: str, mode: str
 ) -> None:
-    async with running_bot(sqlite_url, streaming=mode, rate_scale=30, provider_delay=0.005) as h:
+    # One fake user asks all twenty: the per-user message rate is not what this measures.
+    async with running_bot(
+        sqlite_url,
+        streaming=mode,
+        rate_scale=30,
+        provider_delay=0.005,
+        user_messages_per_minute=0,
+    ) as h:
         questions = {}
         for n in range(CONVERSATIONS):
             channel = f"C{n % CHANNELS + 1:04d}"
