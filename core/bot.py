@@ -55,9 +55,11 @@ from core.streaming import (
     THINKING_TEXT,
     TYPING_REFRESH_SECONDS,
     AppendReplySurface,
-    NativeStreams,
     ReplyStreamer,
 )
+
+# Part of a platform's profile: adapters take it from here, with the rest of the front door.
+from core.streaming import NativeStreams as NativeStreams
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +217,10 @@ class Arrival(Protocol):
 
 
 @runtime_checkable
-class PlacedSurface(Protocol):
-    """A surface that can say where its reply goes (``place``, text such as JSON), so that a
-    worker taking over the turn can reopen it there (``PlatformProfile``'s adapter ``reopen``)."""
+class Placed(Protocol):
+    """A surface (or an arrival) that can say where its reply goes (``place``, text such as
+    JSON), so that a worker taking over the turn can reopen it there (the adapter's ``reopen``).
+    An arrival's place is recorded at intake, its surface's when the reply begins."""
 
     @property
     def place(self) -> str: ...
@@ -307,6 +310,7 @@ class FrontDoor:
                 lease_seconds=self.settings.turn_lease_seconds,
                 event_key=event_key,
                 user_id=arrival.user_id,
+                reply_to=arrival.place if isinstance(arrival, Placed) else None,
                 claim=event_key is not None,
             )
         if turn is None:
@@ -393,7 +397,7 @@ class FrontDoor:
             typing_refresh=self.profile.typing_refresh,
             log_context=str(incoming.key),
         )
-        if turn_id is not None and isinstance(surface, PlacedSurface):
+        if turn_id is not None and isinstance(surface, Placed):
             self._in_background(self.engine.store.update_turn(turn_id, reply_to=surface.place))
         lease = None if turn_id is None else asyncio.create_task(self._hold_lease(turn_id))
         try:

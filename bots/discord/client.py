@@ -460,6 +460,12 @@ class DiscordArrival:
                 PLATFORM, str(message.guild.id), str(channel.id), str(message.id)
             )
 
+    @property
+    def place(self) -> str:
+        """Where an answer can go if this turn is taken over before its reply began: the
+        message's own channel (``core.bot.Placed``; the reply's surface records the thread)."""
+        return json.dumps({"channel": self.message.channel.id})
+
     async def question(self) -> str:
         text = self.bot.strip_mentions(self.message)
         if self.message.attachments:

@@ -442,6 +442,11 @@ class SlackArrival:
             self.key = ConversationKey(PLATFORM, team, channel, thread_ts or ts)
             self.target = ReplyTarget(team, channel, thread_ts or ts, self.user_id, user_team)
 
+    @property
+    def place(self) -> str:
+        """Where the answer goes, recorded with the turn at intake (``core.bot.Placed``)."""
+        return self.target.place
+
     async def question(self) -> str:
         return to_plain(strip_mention(str(self.event.get("text", "")), self.bot.bot_user_id))
 

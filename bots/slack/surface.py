@@ -39,6 +39,7 @@ from bots.slack.formatting import (
     markdown_blocks,
     neutralise_mentions,
 )
+from core.bot import NativeStreams
 from core.errors import (
     PermanentSurfaceError,
     SurfaceError,
@@ -46,7 +47,6 @@ from core.errors import (
     TransientSurfaceError,
 )
 from core.ratelimit import RateScope
-from core.streaming import NativeStreams
 
 log = logging.getLogger(__name__)
 

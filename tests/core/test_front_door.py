@@ -38,6 +38,7 @@ class ToySurface:
 
     def __init__(self, chat: ToyChat, thread: str) -> None:
         self.chat, self.thread = chat, thread
+        self.place = thread  # where a worker taking over the turn finds the reply
 
     def render(self, text: str) -> str:
         return text
@@ -70,6 +71,7 @@ class ToyArrival:
         self.key = ConversationKey("toy", "home", "general", thread)
         known_thread = thread in chat.threads
         self.facts = Facts(direct=False, mentioned=mentioned, in_thread=known_thread)
+        self.place = thread
 
     async def question(self) -> str:
         return self.text
@@ -133,3 +135,26 @@ async def test_a_platform_written_in_the_test_runs_through_the_front_door(
     await door.close()
     assert shown(chat, "t4").startswith("w0 w1 w2 w3") and shown(chat, "t4").endswith(SHUTDOWN_NOTE)
     assert door.receive(ToyArrival(chat, "t5", "too late", mentioned=True)) is None
+
+
+async def test_a_turn_whose_worker_died_after_intake_is_answered_by_another(
+    engine: ChatEngine, provider: OfflineProvider
+) -> None:
+    chat = ToyChat()
+    settings = engine.settings.with_overrides(turn_lease_seconds=1.0)
+
+    async def reopen(place: str) -> ToySurface:
+        return ToySurface(chat, place)
+
+    dead = FrontDoor(settings, engine, TOY, budgets=Budgets())
+    admitted = await dead.admit(ToyArrival(chat, "t1", "are you there?", mentioned=True))
+    assert admitted is not None  # recorded, then its worker died before answering
+    alive = FrontDoor(settings, engine, TOY, budgets=Budgets(), reopen=reopen)
+    assert await alive.recover() == 0  # its lease still runs
+    await asyncio.sleep(1.1)
+    provider.enqueue(["Yes, ", "here."])
+    assert await alive.recover() == 1
+    await alive.drain()
+    assert shown(chat, "t1") == "Yes, here."
+    assert (await engine.store.get_turn(admitted.turn_id)).status == "answered"
+    assert await alive.recover() == 0  # exactly once
