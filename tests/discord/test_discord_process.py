@@ -26,7 +26,7 @@ from core.bot import INTERRUPTED_NOTE, RECOVERY_MAX_AGE, SHUTDOWN_NOTE
 from core.config import Settings
 from core.conversation import ChatMessage
 from core.providers.offline import demo_answer
-from core.store import ConversationStore, TurnRecord, TurnRow
+from core.store import OPEN_TURN_STATUSES, ConversationStore, TurnRecord, TurnRow
 from core.streaming import STREAMING_INDICATOR, THINKING_TEXT
 from tests.wire.discord.server import BOT_TOKEN, PUBLIC_THREAD, FakeDiscord, FakeMessage
 
@@ -357,6 +357,14 @@ async def _turn(tmp_path: Path) -> TurnRecord:
         await store.close()
 
 
+async def _settled_turn(tmp_path: Path) -> TurnRecord:
+    """The one turn, once its outcome is recorded (no longer received or answering)."""
+    async with asyncio.timeout(GIVE_UP_AFTER):
+        while (turn := await _turn(tmp_path)).status in OPEN_TURN_STATUSES:
+            await asyncio.sleep(POLL_EVERY)
+    return turn
+
+
 async def test_a_reply_cut_by_a_crash_is_finished_in_place_by_the_next_process(
     tmp_path: Path,
 ) -> None:
@@ -371,10 +379,12 @@ async def test_a_reply_cut_by_a_crash_is_finished_in_place_by_the_next_process(
             finished_after = time.monotonic() - crashed_at
             # The same message, finished in place: no second reply in the thread.
             assert [m.id for m in fake.bot_messages_in(thread)] == [reply.id]
+            # Stopped only once the outcome is stored: a SIGTERM between the last edit and that
+            # write is another story (it can leave the turn open).
+            turn = await _settled_turn(tmp_path)
             assert await second.terminate() == 0
         second.assert_quiet()
         assert "taking over turn" in "".join(second.stderr)
-        turn = await _turn(tmp_path)
         assert (turn.status, turn.takeovers, turn.reply_message_ids) == (
             "answered", 1, (str(reply.id),)
         )  # fmt: skip
@@ -399,9 +409,9 @@ async def test_a_reply_cut_by_a_crash_too_long_ago_is_marked_interrupted(tmp_pat
             )
             assert [m.id for m in fake.bot_messages_in(thread)] == [reply.id]
             assert STREAMING_INDICATOR.strip() not in reply.content
+            turn = await _settled_turn(tmp_path)
             assert await second.terminate() == 0
         second.assert_quiet()
-        turn = await _turn(tmp_path)
         assert turn.status == "interrupted"
         print(f"Discord: the partial reply now reads {reply.content!r}")
 
