@@ -174,6 +174,18 @@ def route(facts: Facts, *, known: bool, require_mention: bool) -> Route:
     return Route(True) if known and not require_mention else SILENT
 
 
+def silence_reason(facts: Facts, *, known: bool, require_mention: bool) -> str:
+    """Why ``route`` leaves a message unanswered, in words for the log."""
+    if not facts.in_thread:
+        return "not addressed (no mention, not in a thread)"
+    if not known:
+        # Also a follow-up written before the thread's first question was recorded.
+        return "not addressed (no mention, and the bot has no conversation in this thread)"
+    if require_mention:
+        return "not addressed (no mention, and REQUIRE_MENTION is on)"
+    return "not addressed"
+
+
 @dataclass(frozen=True, slots=True)
 class ThreadLine:
     """One earlier message of a thread: who wrote it (a display name, else the platform's user
@@ -312,9 +324,11 @@ class FrontDoor:
             known = False
             if facts.in_thread and not facts.direct:
                 known = await self.engine.knows(key)
-            decision = route(facts, known=known, require_mention=self.settings.require_mention)
+            require_mention = self.settings.require_mention
+            decision = route(facts, known=known, require_mention=require_mention)
             if not decision.answer:
-                log.debug("%s message %s: not addressed", self.profile.name, arrival.message_id)
+                why = silence_reason(facts, known=known, require_mention=require_mention)
+                log.debug("%s message %s: %s", self.profile.name, arrival.message_id, why)
                 return None
             question = await arrival.question()
             conversation, _ = await self.engine.store.get_or_create(key)

@@ -13,17 +13,22 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from core.bot import SHUTDOWN_NOTE
+from sqlalchemy import update
+
+from core.bot import INTERRUPTED_NOTE, RECOVERY_MAX_AGE, SHUTDOWN_NOTE
 from core.config import Settings
 from core.conversation import ChatMessage
 from core.providers.offline import demo_answer
-from core.streaming import THINKING_TEXT
-from tests.wire.discord.server import BOT_TOKEN, PUBLIC_THREAD, FakeDiscord
+from core.store import OPEN_TURN_STATUSES, ConversationStore, TurnRecord, TurnRow
+from core.streaming import STREAMING_INDICATOR, THINKING_TEXT
+from tests.wire.discord.server import BOT_TOKEN, PUBLIC_THREAD, FakeDiscord, FakeMessage
 
 #: View Channel + Send Messages + Read Message History + Create Public Threads + Send Messages in
 #: Threads (discord-api-docs "Permissions": 1<<10, 1<<11, 1<<16, 1<<35, 1<<38).
@@ -93,6 +98,13 @@ class BotProcess:
         self.process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(GIVE_UP_AFTER):
             return await self.process.wait()
+
+    async def crash(self) -> None:
+        """SIGKILL: the process dies at once, with no shutdown note, no cleanup, no gateway
+        close (the kernel closes its sockets)."""
+        self.process.send_signal(signal.SIGKILL)
+        async with asyncio.timeout(GIVE_UP_AFTER):
+            await self.process.wait()
 
     def assert_quiet(self) -> None:
         """No error, traceback or leaked resource was logged from start to exit."""
@@ -302,3 +314,113 @@ async def test_start_up_says_what_runs_without_library_noise(tmp_path: Path) -> 
     [running] = [line for line in lines if "connecting to the gateway" in line]
     assert f"at {fake.gateway_url}; model offline" in running
     assert "database sqlite+aiosqlite:///" in running
+
+
+#: Seconds of lease the crash tests give a turn: the next process takes over this soon after
+#: the crash instead of after the default 30 s (a lease is renewed every third of it).
+SHORT_LEASE = "2"
+
+
+async def _answer_cut_by_a_crash(
+    fake: FakeDiscord, tmp_path: Path, question: str
+) -> tuple[int, FakeMessage]:
+    """Ask in a new thread, SIGKILL the bot while the answer streams; the thread and the partial
+    reply, which ends in the streaming cursor."""
+    answer = demo_text(question)
+    env = {"OFFLINE_DELAY": SLOW_OFFLINE_DELAY, "TURN_LEASE_SECONDS": SHORT_LEASE}
+    async with bot_process(fake, tmp_path, **env) as first:
+        message = await fake.send_message(fake.text_channel, question)
+        thread = int(message["id"])
+        first_words = " ".join(answer.split(" ")[:3])
+
+        def streaming() -> bool:
+            replies = fake.bot_messages_in(thread)
+            return bool(replies) and replies[0].content.startswith(first_words)
+
+        await first.until("the first words of the answer", streaming)
+        await first.crash()
+    [reply] = fake.bot_messages_in(thread)
+    partial = reply.content.removesuffix(STREAMING_INDICATOR)
+    assert reply.content.endswith(STREAMING_INDICATOR), reply.content
+    assert answer.startswith(partial) and partial != answer, reply.content
+    return thread, reply
+
+
+async def _turn(tmp_path: Path) -> TurnRecord:
+    """The one turn in the bots' database (read from the test, as a third process would)."""
+    store = await ConversationStore.open(f"sqlite+aiosqlite:///{tmp_path / 'threadbot.db'}")
+    try:
+        async with store.engine.connect() as conn:
+            [turn_id] = (await conn.execute(TurnRow.__table__.select())).scalars().all()
+        return await store.get_turn(turn_id)
+    finally:
+        await store.close()
+
+
+async def _settled_turn(tmp_path: Path) -> TurnRecord:
+    """The one turn, once its outcome is recorded (no longer received or answering)."""
+    async with asyncio.timeout(GIVE_UP_AFTER):
+        while (turn := await _turn(tmp_path)).status in OPEN_TURN_STATUSES:
+            await asyncio.sleep(POLL_EVERY)
+    return turn
+
+
+async def test_a_reply_cut_by_a_crash_is_finished_in_place_by_the_next_process(
+    tmp_path: Path,
+) -> None:
+    question = "Tell me everything"
+    answer = demo_text(question)
+    async with fake_discord() as fake:
+        thread, reply = await _answer_cut_by_a_crash(fake, tmp_path, question)
+        crashed_at = time.monotonic()
+        env = {"TURN_LEASE_SECONDS": SHORT_LEASE, "LOG_LEVEL": "INFO"}
+        async with bot_process(fake, tmp_path, **env) as second:
+            await second.until("the complete answer", lambda: reply.content == answer)
+            finished_after = time.monotonic() - crashed_at
+            # The same message, finished in place: no second reply in the thread.
+            assert [m.id for m in fake.bot_messages_in(thread)] == [reply.id]
+            # Stopped only once the outcome is stored: a SIGTERM between the last edit and that
+            # write is another story (it can leave the turn open).
+            turn = await _settled_turn(tmp_path)
+            assert await second.terminate() == 0
+        second.assert_quiet()
+        assert "taking over turn" in "".join(second.stderr)
+        assert (turn.status, turn.takeovers, turn.reply_message_ids) == (
+            "answered", 1, (str(reply.id),)
+        )  # fmt: skip
+        print(f"Discord: crash to complete answer: {finished_after:.1f} s")
+
+
+async def test_a_reply_cut_by_a_crash_too_long_ago_is_marked_interrupted(tmp_path: Path) -> None:
+    async with fake_discord() as fake:
+        thread, reply = await _answer_cut_by_a_crash(fake, tmp_path, "Tell me everything")
+        # The question was asked longer ago than recovery redoes answers (the bot stayed down).
+        store = await ConversationStore.open(f"sqlite+aiosqlite:///{tmp_path / 'threadbot.db'}")
+        try:
+            async with store.engine.begin() as conn:
+                asked = datetime.now(UTC) - RECOVERY_MAX_AGE - timedelta(minutes=1)
+                await conn.execute(update(TurnRow).values(created_at=asked))
+        finally:
+            await store.close()
+        env = {"TURN_LEASE_SECONDS": SHORT_LEASE}
+        async with bot_process(fake, tmp_path, **env) as second:
+            await second.until(
+                "the interrupted note", lambda: reply.content.endswith(INTERRUPTED_NOTE)
+            )
+            assert [m.id for m in fake.bot_messages_in(thread)] == [reply.id]
+            assert STREAMING_INDICATOR.strip() not in reply.content
+            turn = await _settled_turn(tmp_path)
+            assert await second.terminate() == 0
+        second.assert_quiet()
+        assert turn.status == "interrupted"
+        print(f"Discord: the partial reply now reads {reply.content!r}")
+
+
+async def test_a_second_process_on_one_sqlite_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    async with fake_discord() as fake, bot_process(fake, tmp_path) as first:
+        status, stderr = await run_to_exit(fake, tmp_path)
+        assert status == 2
+        [line] = stderr.splitlines()
+        assert "another threadbot discord process" in line and "DATABASE_URL" in line
+        assert await first.terminate() == 0
+    first.assert_quiet()
