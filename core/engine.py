@@ -137,6 +137,8 @@ class _Progress:
     # Set once the turn records its own outcome (answer stored, or failure): a cancel then
     # records nothing more.
     closing: bool = False
+    # The answer's final save (answer and outcome in one step), which a cancel waits for.
+    keeping: asyncio.Future[None] | None = None
     # Set when the turn's outcome is recorded (a reset waits for it).
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     # When the turn took its place in line (the queued time runs to its conversation's lock).
@@ -710,9 +712,14 @@ class ChatEngine:
         finished = self._clock()
         first = progress.first_token_at
         progress.closing = True
-        try:
-            await asyncio.shield(
-                self._write(
+
+        async def keep() -> None:
+            note: str | None
+            # The answer and the turn's outcome, stored as one step that a cancellation (a
+            # shutdown just after the final edit) cannot split: else the next start would take
+            # the finished turn over and answer it again.
+            try:
+                await self._write(
                     "the answer",
                     lambda: self.store.append(
                         conversation,
@@ -730,29 +737,21 @@ class ChatEngine:
                         turn_id=progress.turn_id,
                     ),
                 )
-            )
-        except Exception:
-            log.exception(
-                "conversation %s: the answer was shown but could not be saved", conversation.id
-            )
-            with contextlib.suppress(SurfaceError):
-                await reply.amend(UNSAVED_ANSWER_NOTE)
+            except Exception:
+                log.exception(
+                    "conversation %s: the answer was shown but could not be saved", conversation.id
+                )
+                with contextlib.suppress(SurfaceError):
+                    await reply.amend(UNSAVED_ANSWER_NOTE)
+                note = "the answer could not be saved"
+            else:
+                note = "cut at the reply limit" if cut else None
             await self._settle_turn(
-                progress.turn_id,
-                "answered",
-                finish_reason=usage.finish_reason,
-                note="the answer could not be saved",
+                progress.turn_id, "answered", finish_reason=usage.finish_reason, note=note
             )
-            self._ended(progress, "answered")
-            return TurnResult(
-                "answered", outcome.answer, message_ids, conversation.id, progress.timings
-            )
-        await self._settle_turn(
-            progress.turn_id,
-            "answered",
-            finish_reason=usage.finish_reason,
-            note="cut at the reply limit" if cut else None,
-        )
+
+        progress.keeping = asyncio.ensure_future(keep())
+        await asyncio.shield(progress.keeping)
         self._ended(progress, "answered")
         self._in_background(policy.after_turn(self.store, conversation, self.provider))
         return TurnResult(
@@ -780,7 +779,11 @@ class ChatEngine:
     async def _record_stop(self, progress: _Progress, note: str, *, interrupted: bool) -> None:
         """A cancelled turn keeps what it showed, so roles alternate and nothing is asked twice."""
         if progress.closing:
-            return  # the turn's outcome was being recorded when it was cancelled
+            # The turn's outcome was being recorded when it was cancelled: let it land.
+            if progress.keeping is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(progress.keeping)
+            return
         question, conversation = progress.question, progress.conversation
         if question is not None and conversation is not None:
             shown = "".join(progress.parts)
