@@ -174,6 +174,76 @@ class TurnRow(Base):
     tokens_estimated: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     cost_usd: Mapped[float | None] = mapped_column(Double, nullable=True)
     refused: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # The exposure of an experiment (migration 0005): experiment, variant, prompt version, and
+    # the time to the first token.
+    experiment_id: Mapped[int | None] = mapped_column(BigId, nullable=True)
+    variant: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    prompt_version: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    first_token_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class FeedbackRow(Base):
+    """One click on a reply (append-only; a user's latest click on a reply counts)."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (Index("ix_feedback_message", "message_id", "user_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    message_id: Mapped[int] = mapped_column(BigId, ForeignKey("messages.id", ondelete="CASCADE"))
+    conversation_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("conversations.id", ondelete="CASCADE")
+    )
+    platform: Mapped[str] = mapped_column(String(32))
+    user_id: Mapped[str] = mapped_column(String(128))
+    # +1 (thumbs up) or -1 (thumbs down).
+    value: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class ExperimentRow(Base):
+    """A comparison of system prompts over new conversations of a scope (see migration 0005)."""
+
+    __tablename__ = "experiments"
+    __table_args__ = (UniqueConstraint("name", name="uq_experiment_name"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(100))
+    seed: Mapped[str] = mapped_column(String(64))
+    # JSON: [{"name": ..., "prompt": ..., "weight": ...}, ...]
+    variants: Mapped[str] = mapped_column(Text)
+    # Comma-separated channel ids; NULL: the whole deployment.
+    channels: Mapped[str | None] = mapped_column(Text, nullable=True)
+    status: Mapped[str] = mapped_column(String(16))
+    shipped: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ExperimentAssignmentRow(Base):
+    """A conversation's variant in an experiment, chosen once and kept (or its exclusion)."""
+
+    __tablename__ = "experiment_assignments"
+
+    experiment_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True
+    )
+    conversation_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True
+    )
+    variant: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    excluded: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class DeploymentSettingRow(Base):
+    """A deployment-wide setting kept in the database (a shipped variant's system prompt)."""
+
+    __tablename__ = "deployment_settings"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
 class ChannelSettingsRow(Base):

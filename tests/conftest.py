@@ -94,6 +94,10 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         from sqlalchemy import text
 
         for table in (
+            "feedback",
+            "experiment_assignments",
+            "experiments",
+            "deployment_settings",
             "turns",
             "messages",
             "conversations",
