@@ -50,6 +50,7 @@ from core.config import Settings
 from core.conversation import ChatMessage, ConversationKey, IncomingMessage
 from core.engine import ChatEngine, TurnResult
 from core.errors import StoreUnavailableError, ThreadbotError
+from core.feedback import Feedback
 from core.limiters import budgets_for
 from core.ratelimit import Budgets
 from core.reply import ReplySurface
@@ -290,6 +291,7 @@ class FrontDoor:
         self.engine = engine
         self.profile = profile
         self.budgets = budgets or budgets_for(settings, engine.store)
+        self.feedback = Feedback(engine.store, engine.metrics, self.budgets)
         self.reopen = reopen
         self.recovery_grace = recovery_grace
         self.access = AccessRules.from_settings(settings)
@@ -471,6 +473,9 @@ class FrontDoor:
         try:
             result = await self.engine.handle(incoming, streamer)
             self._report(incoming, result, streamer, received)
+            if result.status == "answered" and result.reply_id is not None:
+                # Only on the final text, once the answer is stored: the buttons name it.
+                await self.feedback.offer(surface, result.reply_id, streamer.last_message)
             return result
         finally:
             if lease is not None:
