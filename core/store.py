@@ -1437,6 +1437,16 @@ class ConversationStore:
                     latest.setdefault(message_id, {})[user_id] = value
         return latest
 
+    async def feedback_reasons(self, message_id: int) -> list[str]:
+        """The reasons given with clicks on an answer, oldest first (for reading them out)."""
+        async with self._sessions() as session:
+            rows = await session.scalars(
+                select(FeedbackRow.reason)
+                .where(FeedbackRow.message_id == message_id, FeedbackRow.reason.is_not(None))
+                .order_by(FeedbackRow.id)
+            )
+            return [reason for reason in rows if reason]
+
 
 #: Float slack in the GCRA comparison, in seconds (a wait of a microsecond is no wait).
 RATE_EPSILON_SECONDS = 1e-6
