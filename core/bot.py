@@ -19,6 +19,8 @@ platform command becomes a ``Command`` with its target. Everything between lives
 - **Commands** (``FrontDoor.command``): answered within the platform's acknowledgement window
   when they are quick, acknowledged first and answered later when they are not; one apology.
 - **Thread context** (``seed_context``): one speaker-label convention.
+- **Feedback** (``core.feedback``): once an answer is stored, its buttons are added to the last
+  message of the reply, where the surface can show them, paced like the reply's edits.
 - **Durable turns**: ``admit`` records an accepted question (with the dedupe of its platform
   event, in one transaction) before the adapter acknowledges it, so a database that cannot be
   reached answers "try again" (Slack: 503, and Slack redelivers) instead of losing it; where the
