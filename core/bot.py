@@ -19,6 +19,8 @@ platform command becomes a ``Command`` with its target. Everything between lives
 - **Commands** (``FrontDoor.command``): answered within the platform's acknowledgement window
   when they are quick, acknowledged first and answered later when they are not; one apology.
 - **Thread context** (``seed_context``): one speaker-label convention.
+- **Feedback** (``core.feedback``): once an answer is stored, its buttons are added to the last
+  message of the reply, where the surface can show them, paced like the reply's edits.
 - **Durable turns**: ``admit`` records an accepted question (with the dedupe of its platform
   event, in one transaction) before the adapter acknowledges it, so a database that cannot be
   reached answers "try again" (Slack: 503, and Slack redelivers) instead of losing it; where the
@@ -50,6 +52,7 @@ from core.config import Settings
 from core.conversation import ChatMessage, ConversationKey, IncomingMessage
 from core.engine import ChatEngine, TurnResult
 from core.errors import StoreUnavailableError, ThreadbotError
+from core.feedback import Feedback
 from core.limiters import budgets_for
 from core.ratelimit import Budgets
 from core.reply import ReplySurface
@@ -290,6 +293,7 @@ class FrontDoor:
         self.engine = engine
         self.profile = profile
         self.budgets = budgets or budgets_for(settings, engine.store)
+        self.feedback = Feedback(engine.store, engine.metrics, self.budgets)
         self.reopen = reopen
         self.recovery_grace = recovery_grace
         self.access = AccessRules.from_settings(settings)
@@ -471,6 +475,9 @@ class FrontDoor:
         try:
             result = await self.engine.handle(incoming, streamer)
             self._report(incoming, result, streamer, received)
+            if result.status == "answered" and result.reply_id is not None:
+                # Only on the final text, once the answer is stored: the buttons name it.
+                await self.feedback.offer(surface, result.reply_id, streamer.last_message)
             return result
         finally:
             if lease is not None:

@@ -117,6 +117,9 @@ class TurnResult:
     conversation_id: int | None = None
     #: Milliseconds and tokens of the turn, for its log line (``queued_ms``, ``model_ms``, ...).
     timings: dict[str, int] = field(default_factory=dict)
+    #: The stored assistant message of an answered turn (None: it could not be saved), which
+    #: feedback on the reply names.
+    reply_id: int | None = None
 
 
 @dataclass(slots=True)
@@ -713,13 +716,16 @@ class ChatEngine:
         first = progress.first_token_at
         progress.closing = True
 
+        stored: StoredMessage | None = None
+
         async def keep() -> None:
+            nonlocal stored
             note: str | None
             # The answer and the turn's outcome, stored as one step that a cancellation (a
             # shutdown just after the final edit) cannot split: else the next start would take
             # the finished turn over and answer it again.
             try:
-                await self._write(
+                stored = await self._write(
                     "the answer",
                     lambda: self.store.append(
                         conversation,
@@ -755,7 +761,12 @@ class ChatEngine:
         self._ended(progress, "answered")
         self._in_background(policy.after_turn(self.store, conversation, self.provider))
         return TurnResult(
-            "answered", outcome.answer, message_ids, conversation.id, progress.timings
+            "answered",
+            outcome.answer,
+            message_ids,
+            conversation.id,
+            progress.timings,
+            reply_id=None if stored is None else stored.id,
         )
 
     async def _failed(

@@ -396,6 +396,22 @@ class UsageGroup:
     cost: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class RatedReply:
+    """An answer as feedback names it: the stored assistant message ``id``, its conversation,
+    the platform messages that show it (a click must come from one of them) and its text."""
+
+    id: int
+    conversation_id: int
+    platform: str
+    platform_message_ids: tuple[str, ...]
+    content: str
+
+
+#: Message ids per ``IN (...)`` list of ``latest_feedback`` (SQLite allows 32,766 variables).
+FEEDBACK_LOOKUP_CHUNK = 500
+
+
 def _conversation(row: ConversationRow) -> Conversation:
     return Conversation(
         id=row.id,
@@ -1340,6 +1356,96 @@ class ConversationStore:
             ChannelSettingsRow.workspace == workspace,
             ChannelSettingsRow.channel == channel,
         )
+
+    # -- feedback ------------------------------------------------------------------------------
+
+    async def rated_reply(self, message_id: int) -> RatedReply | None:
+        """The answer ``message_id`` names (None: no assistant message has that id)."""
+        return await self._rated_reply(MessageRow.id == message_id)
+
+    async def last_reply(self, conversation_id: int) -> RatedReply | None:
+        """The latest answer of a conversation (replaced answers aside), for ``/good`` ``/bad``."""
+        return await self._rated_reply(
+            MessageRow.conversation_id == conversation_id,
+            or_(MessageRow.status.is_(None), MessageRow.status.not_in(UNSENT_STATUSES)),
+        )
+
+    async def _rated_reply(self, *conditions: Any) -> RatedReply | None:
+        query = (
+            select(MessageRow, ConversationRow.platform)
+            .join(ConversationRow, ConversationRow.id == MessageRow.conversation_id)
+            .where(MessageRow.role == "assistant", *conditions)
+            .order_by(MessageRow.id.desc())
+            .limit(1)
+        )
+        async with self._sessions() as session:
+            found = (await session.execute(query)).first()
+        if found is None:
+            return None
+        row, platform = found
+        return RatedReply(
+            id=row.id,
+            conversation_id=row.conversation_id,
+            platform=platform,
+            platform_message_ids=tuple(filter(None, (row.platform_message_ids or "").split(","))),
+            content=row.content,
+        )
+
+    async def add_feedback(
+        self, reply: RatedReply, user_id: str, value: int, reason: str | None = None
+    ) -> int:
+        """Append one click of ``user_id`` on ``reply`` (+1 or -1, with an optional reason).
+
+        Rows are never changed: a second click, or the reason given after a thumbs-down, is a
+        new row, and ``latest_feedback`` reads the latest of each user.
+        """
+        if value not in (1, -1):
+            raise ValueError(f"feedback is +1 or -1, not {value!r}")
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                insert(FeedbackRow)
+                .values(
+                    message_id=reply.id,
+                    conversation_id=reply.conversation_id,
+                    platform=reply.platform,
+                    user_id=user_id[:128],
+                    value=value,
+                    reason=reason or None,
+                    created_at=_now(),
+                )
+                .returning(FeedbackRow.id)
+            )
+            feedback_id: int = result.scalar_one()
+        return feedback_id
+
+    async def latest_feedback(self, message_ids: Sequence[int]) -> dict[int, dict[str, int]]:
+        """What counts of the feedback on these answers: ``{message id: {user: +1 or -1}}``,
+        each user's latest click (answers nobody rated are absent). The experiment report reads
+        this."""
+        latest: dict[int, dict[str, int]] = {}
+        ids = sorted(set(message_ids))
+        async with self._sessions() as session:
+            for start in range(0, len(ids), FEEDBACK_LOOKUP_CHUNK):
+                chunk = ids[start : start + FEEDBACK_LOOKUP_CHUNK]
+                rows = await session.execute(
+                    select(FeedbackRow.message_id, FeedbackRow.user_id, FeedbackRow.value)
+                    .where(FeedbackRow.message_id.in_(chunk))
+                    .order_by(FeedbackRow.id)
+                )
+                # In insertion order, so a later click replaces an earlier one.
+                for message_id, user_id, value in rows:
+                    latest.setdefault(message_id, {})[user_id] = value
+        return latest
+
+    async def feedback_reasons(self, message_id: int) -> list[str]:
+        """The reasons given with clicks on an answer, oldest first (for reading them out)."""
+        async with self._sessions() as session:
+            rows = await session.scalars(
+                select(FeedbackRow.reason)
+                .where(FeedbackRow.message_id == message_id, FeedbackRow.reason.is_not(None))
+                .order_by(FeedbackRow.id)
+            )
+            return [reason for reason in rows if reason]
 
 
 #: Float slack in the GCRA comparison, in seconds (a wait of a microsecond is no wait).

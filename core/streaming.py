@@ -315,6 +315,15 @@ class ReplyStreamer:
         """The platform ids of this reply's messages, in order."""
         return [message.id for message in self._messages]
 
+    @property
+    def last_message(self) -> tuple[str, str] | None:
+        """The id and shown (rendered) text of a finished reply's last message, once the
+        platform shows exactly the final text; None before that or when it never will."""
+        if self._phase != _FINISHED or not self._messages or not self.delivered:
+            return None
+        last = self._messages[-1]
+        return None if last.live else (last.id, last.shown)
+
     # -- internals -------------------------------------------------------------------------
 
     async def _close(self, phase: str, note: str | None) -> list[str]:

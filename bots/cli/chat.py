@@ -18,6 +18,7 @@ from core.commands import parse_command
 from core.config import Settings
 from core.conversation import ConversationKey, IncomingMessage
 from core.errors import ConfigError, ThreadbotError
+from core.feedback import BAD, GOOD, VALUE_NAMES
 from core.logs import configure_logging, report_failure, show_tracebacks
 
 if TYPE_CHECKING:  # the engine loads the store and a provider SDK: imported when a chat starts
@@ -29,6 +30,10 @@ PLATFORM = "cli"
 WORKSPACE = "local"
 PROMPT = "you › "
 EXIT_COMMANDS = ("/exit", "/quit")
+#: Rating the conversation's last answer: the word and its value (core.feedback).
+RATINGS = {"/good": GOOD, "/bad": BAD}
+#: Characters of the rated answer quoted back, so the user sees which one was rated.
+RATED_PREVIEW_CHARS = 60
 #: Exit status after SIGTERM, as a shell reports a process ended by it (128 + 15).
 TERMINATED_STATUS = 128 + signal.SIGTERM
 
@@ -42,6 +47,8 @@ Type a message and press Enter; the answer appears as it is written.
   /history count 30, /history tokens 6000, /history summary 6000, /history clear
                        change that for this conversation
   /context             what the next request would send
+  /good [reason]       rate the last answer as good (a reason is optional)
+  /bad [reason]        rate the last answer as bad, and say why if you like
   /help                this help
   /exit, /quit         leave (so does Ctrl-D at the prompt)
 Ctrl-C stops an answer while it is being written; at the prompt, Ctrl-C leaves.
@@ -173,6 +180,9 @@ class Chat:
         if word == "/context":
             self._say(await self._context())
             return True
+        if word in RATINGS:
+            self._say(await self._rate(RATINGS[word], line[len(word) :].strip()))
+            return True
         command = parse_command(line)
         if command is None:
             self.stderr.write(f"Unknown command {word}. Type /help for the commands.\n")
@@ -183,6 +193,21 @@ class Chat:
         else:
             self._say(await self.engine.run_command(command, self.key))
         return True
+
+    async def _rate(self, value: int, reason: str) -> str:
+        """Rate this conversation's last answer (also one from an earlier run)."""
+        from core.feedback import Feedback
+        from core.ratelimit import Budgets
+
+        feedback = Feedback(self.engine.store, self.engine.metrics, Budgets())
+        reply = await feedback.rate_last(self.key, self.conversation, value, reason or None)
+        if reply is None:
+            return "There is no answer to rate yet."
+        preview = " ".join(reply.content.split())
+        if len(preview) > RATED_PREVIEW_CHARS:
+            preview = preview[: RATED_PREVIEW_CHARS - 1] + "…"
+        noted = ", with your reason" if reason else ""
+        return f"Rated the last answer as {VALUE_NAMES[value]}{noted}: “{preview}”"
 
     async def _context(self) -> str:
         window = await self.engine.context(self.key)

@@ -30,6 +30,7 @@ from discord import app_commands
 from discord.gateway import DiscordWebSocket
 
 from bots.discord.attachments import with_attachments
+from bots.discord.feedback import FeedbackButton
 from bots.discord.surface import DiscordReply
 from core.bot import Facts, FrontDoor, PlatformProfile, Route, ThreadLine
 from core.commands import ChannelTarget, Command, HelpStyle, parse_command
@@ -178,6 +179,8 @@ class DiscordBot(discord.Client):
             **options,
         )
         self.tree = app_commands.CommandTree(self)
+        # Buttons under answers, also those an earlier process posted.
+        self.add_dynamic_items(FeedbackButton)
         #: Whether the last start pushed commands to Discord (False: they were up to date).
         self.commands_synced: bool | None = None
         self._add_commands()

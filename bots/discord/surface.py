@@ -18,6 +18,7 @@ from typing import Any, Literal
 import aiohttp
 import discord
 
+from bots.discord.feedback import feedback_view
 from core.errors import (
     PermanentSurfaceError,
     SurfaceError,
@@ -158,6 +159,15 @@ class DiscordReply:
         partial = discord.PartialMessage(channel=self.channel, id=int(message_id))  # type: ignore[arg-type]
         with translated_errors(scope_key(self.channel_id, "edit")):
             await partial.edit(content=text, allowed_mentions=discord.AllowedMentions.none())
+
+    async def offer_feedback(self, reply_id: int, message_id: str, shown: str) -> None:
+        """The two feedback buttons on the answer's last message: an edit that sends only the
+        view, so the text stays exactly as shown (``shown`` is not needed)."""
+        partial = discord.PartialMessage(channel=self.channel, id=int(message_id))  # type: ignore[arg-type]
+        with translated_errors(scope_key(self.channel_id, "edit")):
+            await partial.edit(
+                view=feedback_view(reply_id), allowed_mentions=discord.AllowedMentions.none()
+            )
 
     async def show_typing(self) -> bool:
         # One typing call shows the indicator for 10 s or until the bot's next message.

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -44,7 +45,16 @@ from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
 from bots.metrics_http import add_metrics_route
-from bots.slack.formatting import mentions, strip_mention, to_plain
+from bots.slack.formatting import (
+    FEEDBACK_ACTION_ID,
+    REASON_ACTION_ID,
+    REASON_BLOCK_ID,
+    REASON_CALLBACK_ID,
+    mentions,
+    reason_view,
+    strip_mention,
+    to_plain,
+)
 from bots.slack.surface import (
     NATIVE_STREAMS,
     ReplyTarget,
@@ -67,6 +77,7 @@ from core.config import Settings
 from core.conversation import ConversationKey
 from core.engine import ChatEngine
 from core.errors import ConfigError, PermanentSurfaceError, StoreUnavailableError, SurfaceError
+from core.feedback import BAD, GOOD, Click, parse_feedback_id
 
 if TYPE_CHECKING:
     # Only the type of an injected budgets object: pacing is the front door's job.
@@ -110,6 +121,12 @@ ADMIN_FLAGS = ("is_admin", "is_owner", "is_primary_owner")
 #: Seconds a user's admin standing is remembered (users.info is Tier 4; a demoted admin keeps
 #: the rights this long).
 ADMIN_CACHE_SECONDS = 300.0
+
+
+#: What a thumbs-up, a click that does not count, or one we failed to store answer (ephemeral).
+THANKS = "Thanks for the feedback."
+FEEDBACK_REFUSED = "That answer can't be rated from here."
+FEEDBACK_FAILED = "Sorry, your feedback couldn't be saved. Please try again in a moment."
 
 
 def profile(
@@ -221,6 +238,8 @@ class SlackBot:
         )
         self.app.middleware(self._intake)
         self.app.command(settings.slack_command)(self._on_command)
+        self.app.action(FEEDBACK_ACTION_ID)(self._on_feedback)
+        self.app.view(REASON_CALLBACK_ID)(self._on_reason)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -471,6 +490,74 @@ class SlackBot:
             await respond(response_type="ephemeral", text=answer)
         else:
             await ack(response_type="ephemeral", text=answer)
+
+    # -- feedback --------------------------------------------------------------------------
+
+    async def _on_feedback(
+        self,
+        ack: Callable[..., Awaitable[None]],
+        body: dict[str, Any],
+        respond: Callable[..., Awaitable[Any]],
+    ) -> None:
+        """A click on the feedback buttons under an answer (``block_actions``): acknowledged at
+        once, stored when it came from that answer's message; a thumbs-down then offers the
+        optional reason modal, a thumbs-up a quiet thanks."""
+        await ack()
+        action = (body.get("actions") or [{}])[0]
+        parsed = parse_feedback_id(str(action.get("value") or ""))
+        container = body.get("container") or {}
+        channel = str(container.get("channel_id") or (body.get("channel") or {}).get("id") or "")
+        message = message_id(channel, str(container.get("message_ts") or ""))
+        user = str((body.get("user") or {}).get("id") or "")
+        if parsed is None:
+            log.warning("Slack feedback from %s with a value that is not ours: %r", user, action)
+            return
+        value, reply_id = parsed
+        if not await self._rate(Click(PLATFORM, message, user, reply_id, value), respond):
+            return
+        if value == GOOD:
+            await respond(response_type="ephemeral", replace_original=False, text=THANKS)
+            return
+        metadata = json.dumps({"reply": reply_id, "message": message})
+        try:
+            with translated_errors("views.open", None):
+                await self.client.views_open(
+                    trigger_id=str(body.get("trigger_id") or ""), view=reason_view(metadata)
+                )
+        except SurfaceError as error:
+            # The thumbs-down is stored; only the chance to say why is lost.
+            log.warning("Slack feedback reason modal not opened: %s", error)
+
+    async def _on_reason(self, ack: Callable[..., Awaitable[None]], body: dict[str, Any]) -> None:
+        """The reason modal submitted (``view_submission``): stored as the user's latest click."""
+        await ack()
+        view = body.get("view") or {}
+        state = (view.get("state") or {}).get("values") or {}
+        reason = str(
+            (state.get(REASON_BLOCK_ID) or {}).get(REASON_ACTION_ID, {}).get("value") or ""
+        )
+        if not reason.strip():
+            return  # Skipped in all but name: the thumbs-down is already stored.
+        try:
+            metadata = json.loads(str(view.get("private_metadata") or ""))
+            reply_id, message = int(metadata["reply"]), str(metadata["message"])
+        except (ValueError, TypeError, KeyError):
+            log.warning("Slack feedback reason with metadata that is not ours: %r", view)
+            return
+        user = str((body.get("user") or {}).get("id") or "")
+        await self._rate(Click(PLATFORM, message, user, reply_id, BAD, reason), None)
+
+    async def _rate(self, click: Click, respond: Callable[..., Awaitable[Any]] | None) -> bool:
+        """Store ``click``; whether it counted. The clicker hears when it could not."""
+        try:
+            counted = await self.door.feedback.record(click) is not None
+            answer = None if counted else FEEDBACK_REFUSED
+        except Exception:
+            log.exception("Slack feedback on answer %s not stored", click.reply_id)
+            counted, answer = False, FEEDBACK_FAILED
+        if answer is not None and respond is not None:
+            await respond(response_type="ephemeral", replace_original=False, text=answer)
+        return counted
 
 
 class SlackArrival:

@@ -57,6 +57,66 @@ def markdown_blocks(text: str) -> list[dict[str, Any]]:
     return [{"type": "markdown", "text": text}]
 
 
+#: The action id of the feedback buttons under every answer (``SlackBot`` listens for it).
+FEEDBACK_ACTION_ID = "threadbot_feedback"
+#: The callback id of the optional "what went wrong?" modal after a thumbs-down.
+REASON_CALLBACK_ID = "threadbot_feedback_reason"
+REASON_BLOCK_ID = "reason"
+REASON_ACTION_ID = "reason_input"
+#: Slack's plain-text input takes up to 3,000 characters (Block Kit "Plain-text input").
+REASON_MAX_CHARS = 3000
+
+
+def feedback_block(good: str, bad: str) -> dict[str, Any]:
+    """Thumbs up and down under an answer: Slack's own feedback buttons (a ``context_actions``
+    block), whose button values are ``good`` and ``bad`` (``core.feedback.feedback_id``)."""
+    return {
+        "type": "context_actions",
+        "elements": [
+            {
+                "type": "feedback_buttons",
+                "action_id": FEEDBACK_ACTION_ID,
+                "positive_button": {
+                    "text": {"type": "plain_text", "text": "👍"},
+                    "accessibility_label": "Mark this answer as good",
+                    "value": good,
+                },
+                "negative_button": {
+                    "text": {"type": "plain_text", "text": "👎"},
+                    "accessibility_label": "Mark this answer as bad",
+                    "value": bad,
+                },
+            }
+        ],
+    }
+
+
+def reason_view(metadata: str) -> dict[str, Any]:
+    """The optional modal after a thumbs-down; ``metadata`` names the answer and its message."""
+    return {
+        "type": "modal",
+        "callback_id": REASON_CALLBACK_ID,
+        "private_metadata": metadata,
+        "title": {"type": "plain_text", "text": "Thanks for the feedback"},
+        "submit": {"type": "plain_text", "text": "Send"},
+        "close": {"type": "plain_text", "text": "Skip"},
+        "blocks": [
+            {
+                "type": "input",
+                "block_id": REASON_BLOCK_ID,
+                "optional": True,
+                "label": {"type": "plain_text", "text": "What was wrong with the answer?"},
+                "element": {
+                    "type": "plain_text_input",
+                    "action_id": REASON_ACTION_ID,
+                    "multiline": True,
+                    "max_length": REASON_MAX_CHARS,
+                },
+            }
+        ],
+    }
+
+
 def neutralise_mentions(markdown: str) -> str:
     """``markdown`` with every mention token that would notify someone written as plain words.
 

@@ -36,6 +36,7 @@ from slack_sdk.web.async_slack_response import AsyncSlackResponse
 from bots.slack.formatting import (
     MAX_MARKDOWN_CHARS,
     fallback_text,
+    feedback_block,
     markdown_blocks,
     neutralise_mentions,
 )
@@ -46,6 +47,7 @@ from core.errors import (
     SurfaceRateLimited,
     TransientSurfaceError,
 )
+from core.feedback import BAD, GOOD, feedback_id
 from core.ratelimit import RateScope
 
 log = logging.getLogger(__name__)
@@ -312,6 +314,22 @@ class SlackReply:
             "ts": ts,
             "text": fallback_text(text),
             "blocks": markdown_blocks(text),
+        }
+        await self._call("edit", "chat.update", self.client.chat_update, kwargs)
+
+    async def offer_feedback(self, reply_id: int, message_id: str, shown: str) -> None:
+        """The feedback buttons under the answer's last message: a ``chat.update`` with the
+        same markdown block and a ``context_actions`` block after it."""
+        channel, ts = split_message_id(message_id)
+        text = neutralise_mentions(shown)
+        kwargs = {
+            "channel": channel,
+            "ts": ts,
+            "text": fallback_text(text),
+            "blocks": [
+                *markdown_blocks(text),
+                feedback_block(feedback_id(GOOD, reply_id), feedback_id(BAD, reply_id)),
+            ],
         }
         await self._call("edit", "chat.update", self.client.chat_update, kwargs)
 

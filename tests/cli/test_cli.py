@@ -284,3 +284,16 @@ def test_help_is_written_for_the_terminal(tmp_path: Path) -> None:
     assert "Ctrl-C" in result.stdout and "“work”" in result.stdout
     assert not re.search(r"\b(mention|threads?)\b", result.stdout)  # Slack's and Discord's words
     assert "never sent" not in result.stdout
+
+
+def test_good_and_bad_rate_the_last_answer_also_in_a_later_run(tmp_path: Path) -> None:
+    first = run_chat(tmp_path, "/good\nhello there\n")
+    assert first.returncode == 0, first.stderr
+    assert "There is no answer to rate yet." in first.stdout
+
+    later = run_chat(tmp_path, "/bad it ignored my name\n/good\n")
+
+    assert later.returncode == 0, later.stderr
+    assert "Rated the last answer as bad, with your reason: “" in later.stdout
+    assert "Rated the last answer as good: “" in later.stdout
+    assert later.stdout.count("*(offline demo") == 2  # both quote the answer of the first run

@@ -66,7 +66,9 @@ async def test_mention_streams_the_answer_into_the_thread_under_it(sqlite_url: s
         assert len(reply.states) >= 3
         # Markdown goes to Slack as Markdown, in a markdown block, with a plain fallback.
         update = h.fake.calls_to("chat.update")[-1].args
-        assert update["blocks"] == [{"type": "markdown", "text": "".join(answer)}]
+        # The last update adds the feedback buttons after the same markdown block.
+        assert update["blocks"][0] == {"type": "markdown", "text": "".join(answer)}
+        assert [block["type"] for block in update["blocks"][1:]] == ["context_actions"]
         assert "**" not in update["text"]
         assert user_turns(h) == [("user", "what is up?")]
 
@@ -341,7 +343,9 @@ async def test_a_native_stream_answered_by_html_503s_ends_with_the_exact_text(
             assert h.fake.calls_to("chat.update")[-1].status == 200
         else:
             assert not reply.streaming
-            assert h.fake.counts["chat.update"] == 0
+            # The stop landed the text: the one update only adds the feedback buttons.
+            [update] = h.fake.calls_to("chat.update")
+            assert update.args["blocks"][-1]["type"] == "context_actions"
 
 
 #: A mention token Slack would turn into a notification.

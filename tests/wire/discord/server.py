@@ -12,7 +12,8 @@ One aiohttp server on 127.0.0.1 serves both:
   status with a body that is not Discord's JSON (a proxy's HTML or plain-text page, or nothing).
 - The gateway over a websocket at ``/gateway``: HELLO, IDENTIFY -> READY (with ``session_id`` and
   ``resume_gateway_url``) then GUILD_CREATE, heartbeat ACKs, dispatch on demand
-  (``dispatch``/``send_message``/``send_interaction``), RECONNECT followed by RESUME with replay of
+  (``dispatch``/``send_message``/``send_interaction``; button clicks ``click`` and modal submits
+  ``submit_modal``), RECONNECT followed by RESUME with replay of
   the missed events (``force_reconnect``), and close code 4014 for refused privileged intents.
 """
 
@@ -81,6 +82,16 @@ class FakeMessage:
     payloads: list[Json] = field(default_factory=list)
     #: When each state arrived (the fake's clock), parallel to ``states``.
     times: list[float] = field(default_factory=list)
+    #: The message's components now (buttons), as the last post or edit that set them.
+    components: list[Json] = field(default_factory=list)
+
+    def custom_ids(self) -> list[str]:
+        """The custom ids of the message's buttons, in order."""
+        return [
+            str(item.get("custom_id"))
+            for row in self.components
+            for item in row.get("components") or ()
+        ]
 
     @property
     def content(self) -> str:
@@ -512,6 +523,8 @@ class FakeDiscord:
             if "content" in body:
                 msg.states.append(body["content"] or "")
                 msg.times.append(self.clock())
+            if "components" in body:
+                msg.components = list(body["components"] or [])
             msg.payloads.append(body)
             return self._ok(self._message_json(msg), f"edit:{cid}")
         if len(rest) == 3 and rest[0] == "messages" and rest[2] == "threads" and method == "POST":
@@ -611,6 +624,7 @@ class FakeDiscord:
         msg = FakeMessage(self.snowflake(), cid, author, [content], int(ref) if ref else None)
         msg.payloads.append(body)
         msg.times.append(self.clock())
+        msg.components = list(body.get("components") or [])
         self.messages[msg.id] = msg
         return msg
 
@@ -632,7 +646,7 @@ class FakeDiscord:
             "pinned": False,
             "type": 19 if msg.reference else 0,
             "flags": 0,
-            "components": [],
+            "components": msg.components,
         }
         if channel.get("guild_id"):
             data["guild_id"] = channel["guild_id"]
@@ -741,6 +755,88 @@ class FakeDiscord:
             data["user"] = user
         await self.dispatch("INTERACTION_CREATE", data)
         return token
+
+    def _interaction_base(self, kind: int, channel_id: int, user: Json, data: Json) -> Json:
+        """An INTERACTION_CREATE payload of ``kind`` by ``user`` in ``channel_id``."""
+        channel = self.channels[channel_id]
+        token = uuid.uuid4().hex
+        self._interaction_channels[token] = channel_id
+        payload: Json = {
+            "id": str(self.snowflake()),
+            "application_id": str(self.app_id),
+            "type": kind,
+            "token": token,
+            "version": 1,
+            "data": data,
+            "channel_id": str(channel_id),
+            "channel": channel,
+            "locale": "en-US",
+            "attachment_size_limit": 10_485_760,
+            "entitlements": [],
+            "authorizing_integration_owners": {"0": str(self.guild_id)},
+            "app_permissions": "0",
+        }
+        if channel.get("guild_id"):
+            payload["guild_id"] = channel["guild_id"]
+            payload["guild_locale"] = "en-US"
+            payload["context"] = 0
+            payload["member"] = {
+                "user": user,
+                "roles": [],
+                "joined_at": _iso(),
+                "deaf": False,
+                "mute": False,
+                "permissions": "0",
+                "flags": 0,
+            }
+        else:
+            payload["context"] = 1
+            payload["user"] = user
+        return payload
+
+    async def click(self, message_id: int, custom_id: str, *, user: Json | None = None) -> str:
+        """A click on a button of a message (a component interaction, type 3, with the message
+        as Discord sends it); return its token (key of ``followups`` and ``callbacks``)."""
+        msg = self.messages[message_id]
+        # Discord delivers clicks only on components the message carries.
+        assert custom_id in msg.custom_ids(), f"message {message_id} has no button {custom_id}"
+        data = {"custom_id": custom_id, "component_type": 2}
+        payload = self._interaction_base(3, msg.channel_id, user or self.owner, data)
+        payload["message"] = self._message_json(msg)
+        await self.dispatch("INTERACTION_CREATE", payload)
+        return str(payload["token"])
+
+    def modal_opened(self, token: str) -> Json | None:
+        """The modal an interaction was answered with (callback type 9), if any."""
+        for callback in self.callbacks:
+            if callback["token"] == token and callback.get("type") == 9:
+                return dict(callback.get("data") or {})
+        return None
+
+    async def submit_modal(
+        self, token: str, values: dict[str, str], *, user: Json | None = None
+    ) -> str:
+        """Submit the modal opened in answer to interaction ``token`` (type 5), its text inputs
+        filled from ``values`` by custom id, in the layout the modal was sent with."""
+        modal = self.modal_opened(token)
+        assert modal is not None, "no modal was opened for that interaction"
+
+        def filled(component: Json) -> Json:
+            if component.get("type") == 1:
+                return {"type": 1, "components": [filled(c) for c in component["components"]]}
+            if component.get("type") == 18:
+                return {"type": 18, "component": filled(component["component"])}
+            custom_id = str(component.get("custom_id"))
+            return {"type": 4, "custom_id": custom_id, "value": values.get(custom_id, "")}
+
+        data = {
+            "custom_id": modal["custom_id"],
+            "components": [filled(c) for c in modal.get("components") or ()],
+        }
+        channel_id = self._interaction_channels[token]
+        payload = self._interaction_base(5, channel_id, user or self.owner, data)
+        await self.dispatch("INTERACTION_CREATE", payload)
+        return str(payload["token"])
 
     # ---- gateway -----------------------------------------------------------------------------
 

@@ -1,4 +1,6 @@
-"""Signed requests as Slack sends them to an app's Request URL (events, slash commands).
+"""Signed requests as Slack sends them to an app's Request URL (events, slash commands, and
+interactivity: ``block_actions`` clicks and ``view_submission`` modals, form-encoded as
+``payload=<json>``).
 
 Bodies are signed with slack_sdk's ``SignatureVerifier`` scheme (``v0=`` HMAC-SHA256 of
 ``v0:<timestamp>:<body>`` with the signing secret) and POSTed over HTTP to the real Bolt app.
@@ -195,3 +197,87 @@ class SlackSender:
             }
         )
         return await self.post(body, "application/x-www-form-urlencoded", **kwargs)
+
+    async def interaction(self, payload: dict[str, Any], **kwargs: Any) -> Answer:
+        """An interactivity payload, as Slack posts it: form-encoded ``payload=<json>``."""
+        body = urlencode({"payload": json.dumps(payload)})
+        return await self.post(body, "application/x-www-form-urlencoded", **kwargs)
+
+    async def click(
+        self,
+        value: str,
+        *,
+        action_id: str,
+        channel: str,
+        message_ts: str,
+        thread_ts: str | None = None,
+        user: str = "U_ALICE",
+        element: str = "feedback_buttons",
+        trigger_id: str = "10.20.30",
+        response_url: str = "http://127.0.0.1:9/unused",
+    ) -> Answer:
+        """A ``block_actions`` click on a button of a message in ``channel``."""
+        container: dict[str, Any] = {
+            "type": "message",
+            "message_ts": message_ts,
+            "channel_id": channel,
+            "is_ephemeral": False,
+        }
+        if thread_ts:
+            container["thread_ts"] = thread_ts
+        payload = {
+            "type": "block_actions",
+            "user": {"id": user, "username": user.lower(), "team_id": self.team_id},
+            "api_app_id": self.api_app_id,
+            "token": "legacy-verification-token",
+            "container": container,
+            "trigger_id": trigger_id,
+            "team": {"id": self.team_id, "domain": "test"},
+            "enterprise": None,
+            "is_enterprise_install": False,
+            "channel": {"id": channel, "name": "general"},
+            "message": {"type": "message", "ts": message_ts, "user": self.bot_user_id},
+            "response_url": response_url,
+            "actions": [
+                {
+                    "type": element,
+                    "action_id": action_id,
+                    "block_id": "fb",
+                    "value": value,
+                    "action_ts": str(time.time()),
+                }
+            ],
+        }
+        return await self.interaction(payload)
+
+    async def submit_view(
+        self, view: dict[str, Any], values: dict[str, dict[str, str]], *, user: str = "U_ALICE"
+    ) -> Answer:
+        """A ``view_submission`` of a modal the app opened (``views.open``), with text inputs
+        ``values`` as ``{block_id: {action_id: text}}``."""
+        state = {
+            block: {action: {"type": "plain_text_input", "value": text}}
+            for block, inputs in values.items()
+            for action, text in inputs.items()
+        }
+        payload = {
+            "type": "view_submission",
+            "team": {"id": self.team_id, "domain": "test"},
+            "user": {"id": user, "username": user.lower(), "team_id": self.team_id},
+            "api_app_id": self.api_app_id,
+            "token": "legacy-verification-token",
+            "trigger_id": "11.22.33",
+            "view": {
+                "id": "V0001",
+                "team_id": self.team_id,
+                "type": "modal",
+                "callback_id": view.get("callback_id", ""),
+                "private_metadata": view.get("private_metadata", ""),
+                "blocks": view.get("blocks", []),
+                "state": {"values": state},
+                "app_id": self.api_app_id,
+            },
+            "response_urls": [],
+            "is_enterprise_install": False,
+        }
+        return await self.interaction(payload)

@@ -50,6 +50,8 @@ MAX_TEXT_CHARS = 4_000
 MAX_MARKDOWN_CHARS = 12_000
 MAX_SECTION_CHARS = 3_000
 MAX_BLOCKS = 50
+#: Block Kit "Context actions block": at most 5 elements.
+CONTEXT_ACTIONS_MAX = 5
 
 #: A native stream stops accepting appends about 5 minutes after chat.startStream.
 STREAM_LIFETIME_SECONDS = 300.0
@@ -139,11 +141,27 @@ class Message:
     states: list[str] = field(default_factory=list)
     #: When each state appeared (the fake's clock), parallel to ``states``.
     times: list[float] = field(default_factory=list)
+    #: The block types each state carried (``markdown``, ``context_actions``, ...), parallel too.
+    block_types: list[tuple[str, ...]] = field(default_factory=list)
 
     def show(self, at: float) -> None:
         """Record the current visible text as a new state."""
         self.states.append(self.visible())
         self.times.append(at)
+        self.block_types.append(tuple(str(b.get("type")) for b in self.blocks or ()))
+
+    def feedback_values(self) -> tuple[str, str] | None:
+        """The values of the feedback buttons the message carries now (positive, negative)."""
+        for block in self.blocks or ():
+            if block.get("type") != "context_actions":
+                continue
+            for element in block.get("elements") or ():
+                if element.get("type") == "feedback_buttons":
+                    return (
+                        str(element["positive_button"]["value"]),
+                        str(element["negative_button"]["value"]),
+                    )
+        return None
 
     def visible(self) -> str:
         """What Slack shows: the markdown blocks' text, else ``text``."""
@@ -238,6 +256,8 @@ class FakeSlack:
         self.ephemeral: list[dict[str, Any]] = []
         self.responded: list[dict[str, Any]] = []
         self.reactions: list[dict[str, Any]] = []
+        #: Modals opened with views.open: (trigger_id, view).
+        self.views: list[tuple[str, dict[str, Any]]] = []
         #: One-shot answers to inject: method -> queue of (error code, HTTP status) or raw answers.
         self.responses: dict[str, deque[tuple[str, int] | RawAnswer]] = {}
         #: When set, chat.startStream answers this error (a workspace without native streaming).
@@ -561,6 +581,16 @@ class FakeSlack:
         )
         return {}
 
+    def _m_views_open(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        trigger_id = str(_required(args, "trigger_id"))
+        view = args.get("view")
+        if isinstance(view, str):
+            view = json.loads(view)
+        if not isinstance(view, dict) or view.get("type") != "modal" or not view.get("blocks"):
+            raise SlackError("invalid_arguments")
+        self.views.append((trigger_id, view))
+        return {"view": {"id": f"V{len(self.views):04d}", **view}}
+
     def _own_message(self, team: Team, args: dict[str, Any]) -> Message:
         key = (str(_required(args, "channel")), str(_required(args, "ts")))
         message = self.messages.get(key)
@@ -631,6 +661,8 @@ def _content(args: dict[str, Any]) -> tuple[str, list[dict[str, Any]] | None]:
             elif kind == "section":
                 if len(str(block.get("text", {}).get("text", ""))) > MAX_SECTION_CHARS:
                     raise SlackError("invalid_blocks")
+            elif kind == "context_actions":
+                _check_context_actions(block)
             elif kind is None:
                 raise SlackError("invalid_blocks")
         if markdown_total > MAX_MARKDOWN_CHARS:
@@ -650,3 +682,19 @@ def _markdown_chunk(args: dict[str, Any]) -> str:
     if len(chunk) > MAX_MARKDOWN_CHARS:
         raise SlackError("msg_too_long")
     return chunk
+
+
+def _check_context_actions(block: dict[str, Any]) -> None:
+    """A ``context_actions`` block as Block Kit defines it: 1-5 feedback or icon buttons; a
+    feedback_buttons element has a positive and a negative button, each with text and value."""
+    elements = block.get("elements")
+    if not isinstance(elements, list) or not 1 <= len(elements) <= CONTEXT_ACTIONS_MAX:
+        raise SlackError("invalid_blocks")
+    for element in elements:
+        if element.get("type") not in ("feedback_buttons", "icon_button"):
+            raise SlackError("invalid_blocks")
+        if element["type"] == "feedback_buttons":
+            for side in ("positive_button", "negative_button"):
+                button = element.get(side) or {}
+                if button.get("text", {}).get("type") != "plain_text" or not button.get("value"):
+                    raise SlackError("invalid_blocks")
