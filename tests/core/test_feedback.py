@@ -58,3 +58,18 @@ async def test_rating_the_last_answer_names_it(store: ConversationStore) -> None
 
     assert rated is not None and rated.id == latest and rated.content == "New."
     assert await store.feedback_reasons(latest) == ["too short"]
+
+
+async def test_the_latest_click_counts_on_every_database(database_url: str) -> None:
+    store = await ConversationStore.open(database_url)
+    try:
+        reply_id = await answer(store, "An answer.", "C1:1.0")
+        feedback = Feedback(store, Metrics(), Budgets())
+        for user, value in (("U1", GOOD), ("U1", BAD), ("U2", GOOD)):
+            assert await feedback.record(Click("slack", "C1:1.0", user, reply_id, value))
+        rated = await feedback.rate_last(KEY, "U3", BAD, "wrong")
+        assert rated is not None and rated.id == reply_id
+        assert await store.latest_feedback([reply_id]) == {reply_id: {"U1": -1, "U2": 1, "U3": -1}}
+        assert await store.feedback_reasons(reply_id) == ["wrong"]
+    finally:
+        await store.close()
