@@ -440,21 +440,19 @@ class ChatEngine:
         return None if turn is None else turn.id
 
     async def _record_usage(self, progress: _Progress) -> None:
-        """Store what the turn's requests used and cost, when it called the model."""
+        """Store what the turn's requests used and cost, and its reply's exposure (experiment,
+        variant, prompt version, time to first token), when it called the model."""
         turn_id, tally = progress.turn_id, progress.tally
         if turn_id is None or not tally.called:
             return
         usage = tally.usage(self.settings, self.provider.name, self.provider.model)
+        seen = None
+        if progress.system is not None:
+            first, started = progress.first_token_at, progress.started_at
+            first_ms = None if first is None or started is None else _ms(first - started)
+            seen = exposure(progress.system, progress.assignment, first_ms)
         await self._quietly(
-            "the turn's usage", lambda: self.store.record_turn_usage(turn_id, usage)
-        )
-        if progress.system is None:
-            return
-        first, started = progress.first_token_at, progress.started_at
-        first_ms = None if first is None or started is None else _ms(first - started)
-        seen = exposure(progress.system, progress.assignment, first_ms)
-        await self._quietly(
-            "the turn's exposure", lambda: self.store.record_turn_exposure(turn_id, seen)
+            "the turn's usage", lambda: self.store.record_turn_usage(turn_id, usage, seen)
         )
 
     def _refusal(self, text: str) -> str | None:

@@ -1307,21 +1307,28 @@ class ConversationStore:
 
     # -- usage -----------------------------------------------------------------------------------
 
-    async def record_turn_usage(self, turn_id: int, usage: TurnUsage) -> None:
-        """Store what a turn's requests to the model used and cost."""
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                update(TurnRow)
-                .where(TurnRow.id == turn_id)
-                .values(
-                    model=usage.model[:200],
-                    input_tokens=usage.input_tokens,
-                    output_tokens=usage.output_tokens,
-                    tokens_estimated=usage.estimated,
-                    cost_usd=usage.cost_usd,
-                    updated_at=_now(),
-                )
+    async def record_turn_usage(
+        self, turn_id: int, usage: TurnUsage, exposure: TurnExposure | None = None
+    ) -> None:
+        """Store what a turn's requests to the model used and cost, and what its reply was
+        exposed to (one write at the turn's end)."""
+        values: dict[str, Any] = {
+            "model": usage.model[:200],
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "tokens_estimated": usage.estimated,
+            "cost_usd": usage.cost_usd,
+            "updated_at": _now(),
+        }
+        if exposure is not None:
+            values.update(
+                experiment_id=exposure.experiment_id,
+                variant=exposure.variant,
+                prompt_version=exposure.prompt_version,
+                first_token_ms=exposure.first_token_ms,
             )
+        async with self.engine.begin() as conn:
+            await conn.execute(update(TurnRow).where(TurnRow.id == turn_id).values(**values))
 
     async def refuse_turn(self, turn_id: int, limit: str) -> None:
         """Mark a turn turned away by ``limit`` (it is not counted against the rate)."""
@@ -1573,20 +1580,6 @@ class ConversationStore:
         if created is None:
             raise LookupError(f"no conversation {conversation_id}")
         return _aware(created) or created
-
-    async def record_turn_exposure(self, turn_id: int, exposure: TurnExposure) -> None:
-        """Store what a turn's reply was exposed to (see ``TurnExposure``)."""
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                update(TurnRow)
-                .where(TurnRow.id == turn_id)
-                .values(
-                    experiment_id=exposure.experiment_id,
-                    variant=exposure.variant,
-                    prompt_version=exposure.prompt_version,
-                    first_token_ms=exposure.first_token_ms,
-                )
-            )
 
     async def assignment_counts(self, experiment_id: int) -> AssignmentCounts:
         """How many conversations each variant has, and how many were excluded."""

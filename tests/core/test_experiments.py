@@ -15,7 +15,7 @@ from core import experiments
 from core.commands import Command
 from core.conversation import ConversationKey, IncomingMessage
 from core.engine import ChatEngine
-from core.errors import ExperimentError
+from core.errors import ExperimentError, PermanentProviderError
 from core.experiment_report import build_report
 from core.experiments import choose_variant, experiment_prompt, prompt_version
 from core.providers.offline import OfflineProvider
@@ -215,3 +215,20 @@ async def test_every_reply_records_its_exposure_and_the_report_reads_ratings(
     assert sum(v.replies for v in report.variants) == 8
     assert sum(v.conversations for v in report.variants) == 4
     assert report.verdict == "not enough ratings yet: 2 of about 200 needed"
+
+
+async def test_a_failed_reply_is_exposed_and_counted_as_an_error(
+    engine: ChatEngine, store: ConversationStore, provider: OfflineProvider
+) -> None:
+    experiment = await store.start_experiment("tone", "seed", HALVES, None)
+    key = ConversationKey("slack", "T1", "C1", "5")
+    provider.enqueue([PermanentProviderError("bad request")], ["fine"])
+    for question in ("first", "second"):
+        await engine.handle(IncomingMessage(key=key, text=question, user_id="U1"), CollectingSink())
+    report = build_report(
+        experiment,
+        await store.assignment_counts(experiment.id),
+        await store.experiment_replies(experiment.id),
+    )
+    [used] = [v for v in report.variants if v.conversations]
+    assert (used.replies, used.errors) == (2, 1)
