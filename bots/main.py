@@ -1,4 +1,5 @@
-"""The ``threadbot`` command: ``chat``, ``slack``, ``discord``, ``db upgrade``, ``usage``."""
+"""The ``threadbot`` command: ``chat``, ``slack``, ``discord``, ``db upgrade``, ``usage``,
+``experiment``."""
 
 from __future__ import annotations
 
@@ -57,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser(
         "usage", help="turns, tokens and cost per day, user, channel or model", add_help=False
     )
+    sub.add_parser(
+        "experiment",
+        help="compare system prompts: start, list, report, stop (and ship)",
+        add_help=False,
+    )
     db = sub.add_parser("db", help="database maintenance")
     db.add_argument("action", choices=["upgrade"], help="apply migrations")
     db.add_argument("--verbose", "-v", action="store_true", help="show the traceback of a failure")
@@ -71,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         "slack": "bots.slack.__main__",
         "discord": "bots.discord.__main__",
         "usage": "bots.usage",
+        "experiment": "bots.experiments",
     }[args.command]
     entry = importlib.import_module(module).main
     result: int = entry(rest)

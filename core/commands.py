@@ -15,7 +15,7 @@ from typing import Any, Literal
 from core.config import HISTORY_STRATEGIES, Settings
 from core.conversation import ConversationKey
 from core.history import effective_history
-from core.store import Conversation, ConversationStore
+from core.store import DEPLOYMENT_SYSTEM_PROMPT, Conversation, ConversationStore
 
 Action = Literal[
     "reset",
@@ -184,14 +184,21 @@ def changes_channel(command: Command, target: ConversationKey | ChannelTarget) -
 
 
 def system_prompt_for(
-    settings: Settings, conversation: Conversation, channel_prompt: str | None
+    settings: Settings,
+    conversation: Conversation,
+    channel_prompt: str | None,
+    deployment_prompt: str | None = None,
 ) -> tuple[str, str]:
-    """The system prompt in use and where it comes from: conversation, channel or default."""
+    """The system prompt in use and where it comes from: conversation, channel or default.
+
+    The default is the deployment's own (a shipped experiment variant, kept in the database:
+    ``deployment_prompt``) over ``SYSTEM_PROMPT``.
+    """
     if conversation.system_prompt:
         return conversation.system_prompt, "conversation"
     if channel_prompt:
         return channel_prompt, "channel"
-    return settings.system_prompt, "default"
+    return deployment_prompt or settings.system_prompt, "default"
 
 
 class CommandRunner:
@@ -237,14 +244,22 @@ class CommandRunner:
                 target.platform, target.workspace, target.channel
             )
             prompt, variant = system_prompt_for(
-                self.settings, await self.store.get(conversation.id), channel.system_prompt
+                self.settings,
+                await self.store.get(conversation.id),
+                channel.system_prompt,
+                await self.store.deployment_setting(DEPLOYMENT_SYSTEM_PROMPT),
             )
             where = "this channel's default" if variant == "channel" else "the default"
             return f"System prompt cleared; this conversation now uses {where}:\n> {_quote(prompt)}"
         channel = await self.store.channel_settings(
             target.platform, target.workspace, target.channel
         )
-        prompt, variant = system_prompt_for(self.settings, conversation, channel.system_prompt)
+        prompt, variant = system_prompt_for(
+            self.settings,
+            conversation,
+            channel.system_prompt,
+            await self.store.deployment_setting(DEPLOYMENT_SYSTEM_PROMPT),
+        )
         source = {
             "conversation": "set for this conversation",
             "channel": "this channel's default",
@@ -297,14 +312,19 @@ class CommandRunner:
             )
             return (
                 "This channel's default system prompt is cleared; new threads use the bot's "
-                f"default:\n> {_quote(self.settings.system_prompt)}"
+                f"default:\n> {_quote(await self._default_prompt())}"
             )
         if channel.system_prompt:
             return f"Default system prompt for new threads in this channel:\n> {_quote(channel.system_prompt)}"
         return (
             "This channel has no default system prompt of its own; new threads use the bot's "
-            f"default:\n> {_quote(self.settings.system_prompt)}"
+            f"default:\n> {_quote(await self._default_prompt())}"
         )
+
+    async def _default_prompt(self) -> str:
+        """The deployment's default: a shipped variant's prompt, else ``SYSTEM_PROMPT``."""
+        shipped = await self.store.deployment_setting(DEPLOYMENT_SYSTEM_PROMPT)
+        return shipped or self.settings.system_prompt
 
 
 def _quote(text: str) -> str:

@@ -38,6 +38,7 @@ from core.errors import (
     SurfaceError,
     TransientProviderError,
 )
+from core.experiments import Assignment, experiment_prompt, exposure
 from core.history import (
     HistoryPolicy,
     SummaryPolicy,
@@ -63,6 +64,7 @@ from core.providers.base import Provider
 from core.reply import ReplySink
 from core.retry import RetryPolicy
 from core.store import (
+    DEPLOYMENT_SYSTEM_PROMPT,
     Conversation,
     ConversationStore,
     MessageStatus,
@@ -137,6 +139,11 @@ class _Progress:
     # Every attempt's tokens, stored with the turn when it ends.
     tally: Tally = field(default_factory=Tally)
     first_token_at: float | None = None
+    # When the model work began (the clock), the system prompt sent and its experiment variant:
+    # the reply's exposure, stored with its usage.
+    started_at: float | None = None
+    system: str | None = None
+    assignment: Assignment | None = None
     # Set once the turn records its own outcome (answer stored, or failure): a cancel then
     # records nothing more.
     closing: bool = False
@@ -436,13 +443,19 @@ class ChatEngine:
         return None if turn is None else turn.id
 
     async def _record_usage(self, progress: _Progress) -> None:
-        """Store what the turn's requests used and cost, when it called the model."""
+        """Store what the turn's requests used and cost, and its reply's exposure (experiment,
+        variant, prompt version, time to first token), when it called the model."""
         turn_id, tally = progress.turn_id, progress.tally
         if turn_id is None or not tally.called:
             return
         usage = tally.usage(self.settings, self.provider.name, self.provider.model)
+        seen = None
+        if progress.system is not None:
+            first, started = progress.first_token_at, progress.started_at
+            first_ms = None if first is None or started is None else _ms(first - started)
+            seen = exposure(progress.system, progress.assignment, first_ms)
         await self._quietly(
-            "the turn's usage", lambda: self.store.record_turn_usage(turn_id, usage)
+            "the turn's usage", lambda: self.store.record_turn_usage(turn_id, usage, seen)
         )
 
     def _refusal(self, text: str) -> str | None:
@@ -521,7 +534,7 @@ class ChatEngine:
         progress.conversation_id = conversation.id
         key = conversation.key
         channel = await self.store.channel_settings(key.platform, key.workspace, key.channel)
-        system, variant = system_prompt_for(self.settings, conversation, channel.system_prompt)
+        system, variant = await self._system_prompt(conversation, channel.system_prompt, progress)
         # A turn taken over from a worker that died may have stored its question already.
         stored = (
             None if progress.turn_id is None else await self.store.turn_question(progress.turn_id)
@@ -545,7 +558,7 @@ class ChatEngine:
         progress.conversation = conversation
         await self._settle_turn(incoming.turn_id, "answering")
         policy = policy_for(self.settings, channel)
-        started = self._clock()
+        started = progress.started_at = self._clock()
         try:
             request = await self._generate(policy, conversation, system, reply, progress)
         except ContextOverflowError as error:
@@ -567,6 +580,19 @@ class ChatEngine:
             return await self._failed(progress, reply, EMPTY_ANSWER, "empty answer")
         outcome = _Outcome(answer, request, started, variant)
         return await self._deliver(conversation, reply, progress, outcome, policy)
+
+    async def _system_prompt(
+        self, conversation: Conversation, channel_prompt: str | None, progress: _Progress
+    ) -> tuple[str, str]:
+        """The turn's system prompt and its source (or experiment variant), kept in
+        ``progress`` for the reply's exposure."""
+        default = await self.store.deployment_setting(DEPLOYMENT_SYSTEM_PROMPT)
+        system, source = system_prompt_for(self.settings, conversation, channel_prompt, default)
+        assignment = await experiment_prompt(self.store, conversation, channel_prompt)
+        if assignment is not None:
+            system, source = assignment.prompt, assignment.variant
+        progress.system, progress.assignment = system, assignment
+        return system, source
 
     async def _generate(
         self,
@@ -938,7 +964,8 @@ class ChatEngine:
         if conversation is None:
             return None
         channel = await self.store.channel_settings(key.platform, key.workspace, key.channel)
-        system, _ = system_prompt_for(self.settings, conversation, channel.system_prompt)
+        default = await self.store.deployment_setting(DEPLOYMENT_SYSTEM_PROMPT)
+        system, _ = system_prompt_for(self.settings, conversation, channel.system_prompt, default)
         return await policy_for(self.settings, channel).load(
             self.store, conversation, system=system
         )

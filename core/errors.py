@@ -16,7 +16,8 @@ engine and the adapters only ever reason about this tree::
     │   ├── TransientSurfaceError     5xx, timeout, connection reset: the call may be tried again
     │   └── PermanentSurfaceError     not allowed, message gone, ...: trying again will not help
     ├── StoreUnavailableError         the database cannot be reached right now: try again later
-    └── InputError                    the user's message cannot be answered as sent
+    ├── InputError                    the user's message cannot be answered as sent
+    └── ExperimentError               an experiment command cannot be done as asked (operator)
 """
 
 from __future__ import annotations
@@ -127,3 +128,7 @@ class InputError(ThreadbotError):
 class StoreUnavailableError(ThreadbotError):
     """The database could not be reached (connection refused or lost, timeout): a blip the
     caller may wait out, answering 503 where the platform redelivers."""
+
+
+class ExperimentError(ThreadbotError):
+    """An experiment cannot be started, stopped or shipped as asked; the message says why."""

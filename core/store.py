@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import hashlib
+import json
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -31,6 +32,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    case,
     delete,
     event,
     func,
@@ -59,7 +61,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from core.conversation import ChatMessage, ConversationKey, Role
-from core.errors import ConfigError, StoreUnavailableError
+from core.errors import ConfigError, ExperimentError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -410,6 +412,93 @@ class RatedReply:
 
 #: Message ids per ``IN (...)`` list of ``latest_feedback`` (SQLite allows 32,766 variables).
 FEEDBACK_LOOKUP_CHUNK = 500
+
+#: ``experiments.status`` of an experiment that still assigns conversations, and of one ended.
+EXPERIMENT_RUNNING = "running"
+EXPERIMENT_STOPPED = "stopped"
+#: The ``deployment_settings`` row of the deployment's own default system prompt.
+DEPLOYMENT_SYSTEM_PROMPT = "system_prompt"
+#: Turn outcomes an experiment report counts as replies (``failed`` among them, as errors).
+ENDED_TURN_STATUSES = ("answered", "failed", "stopped", "interrupted")
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentVariant:
+    """One system prompt under test and its share of new conversations (a relative weight)."""
+
+    name: str
+    prompt: str
+    weight: float
+
+
+@dataclass(frozen=True, slots=True)
+class Experiment:
+    """An experiment as stored; ``channels`` None: the whole deployment."""
+
+    id: int
+    name: str
+    seed: str
+    variants: tuple[ExperimentVariant, ...]
+    channels: tuple[str, ...] | None
+    status: str
+    shipped: str | None
+    created_at: datetime
+    stopped_at: datetime | None
+
+    @property
+    def running(self) -> bool:
+        return self.status == EXPERIMENT_RUNNING
+
+
+@dataclass(frozen=True, slots=True)
+class TurnExposure:
+    """What a reply was exposed to: the experiment and variant (if any), the prompt's version
+    (a short hash of its text) and the milliseconds to its first token."""
+
+    experiment_id: int | None
+    variant: str | None
+    prompt_version: str
+    first_token_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentReply:
+    """One reply of an experiment with its outcome and ratings (each user's latest click)."""
+
+    conversation_id: int
+    variant: str
+    failed: bool
+    first_token_ms: int | None
+    input_tokens: int | None
+    output_tokens: int | None
+    rated: int
+    positive: int
+
+
+@dataclass(frozen=True, slots=True)
+class AssignmentCounts:
+    """Conversations per variant of an experiment, and those excluded (own prompt)."""
+
+    per_variant: dict[str, int]
+    excluded: int
+
+
+def _experiment(row: ExperimentRow) -> Experiment:
+    variants = tuple(
+        ExperimentVariant(str(v["name"]), str(v["prompt"]), float(v["weight"]))
+        for v in json.loads(row.variants)
+    )
+    return Experiment(
+        id=row.id,
+        name=row.name,
+        seed=row.seed,
+        variants=variants,
+        channels=tuple(row.channels.split(",")) if row.channels else None,
+        status=row.status,
+        shipped=row.shipped,
+        created_at=_aware(row.created_at) or row.created_at,
+        stopped_at=_aware(row.stopped_at),
+    )
 
 
 def _conversation(row: ConversationRow) -> Conversation:
@@ -1233,21 +1322,28 @@ class ConversationStore:
 
     # -- usage -----------------------------------------------------------------------------------
 
-    async def record_turn_usage(self, turn_id: int, usage: TurnUsage) -> None:
-        """Store what a turn's requests to the model used and cost."""
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                update(TurnRow)
-                .where(TurnRow.id == turn_id)
-                .values(
-                    model=usage.model[:200],
-                    input_tokens=usage.input_tokens,
-                    output_tokens=usage.output_tokens,
-                    tokens_estimated=usage.estimated,
-                    cost_usd=usage.cost_usd,
-                    updated_at=_now(),
-                )
+    async def record_turn_usage(
+        self, turn_id: int, usage: TurnUsage, exposure: TurnExposure | None = None
+    ) -> None:
+        """Store what a turn's requests to the model used and cost, and what its reply was
+        exposed to (one write at the turn's end)."""
+        values: dict[str, Any] = {
+            "model": usage.model[:200],
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "tokens_estimated": usage.estimated,
+            "cost_usd": usage.cost_usd,
+            "updated_at": _now(),
+        }
+        if exposure is not None:
+            values.update(
+                experiment_id=exposure.experiment_id,
+                variant=exposure.variant,
+                prompt_version=exposure.prompt_version,
+                first_token_ms=exposure.first_token_ms,
             )
+        async with self.engine.begin() as conn:
+            await conn.execute(update(TurnRow).where(TurnRow.id == turn_id).values(**values))
 
     async def refuse_turn(self, turn_id: int, limit: str) -> None:
         """Mark a turn turned away by ``limit`` (it is not counted against the rate)."""
@@ -1447,6 +1543,209 @@ class ConversationStore:
             )
             return [reason for reason in rows if reason]
 
+    # -- experiments ---------------------------------------------------------------------------
+
+    async def start_experiment(
+        self,
+        name: str,
+        seed: str,
+        variants: Sequence[ExperimentVariant],
+        channels: Sequence[str] | None,
+    ) -> Experiment:
+        """Record a running experiment; ``ExperimentError`` when its name is taken or its scope
+        (the deployment, or one of ``channels``) already has a running experiment."""
+        payload = json.dumps(
+            [{"name": v.name, "prompt": v.prompt, "weight": v.weight} for v in variants]
+        )
+        try:
+            async with self._sessions.begin() as session:
+                running = await session.scalars(
+                    select(ExperimentRow).where(ExperimentRow.status == EXPERIMENT_RUNNING)
+                )
+                for other in running:
+                    _refuse_overlap(_experiment(other), channels)
+                row = ExperimentRow(
+                    name=name,
+                    seed=seed,
+                    variants=payload,
+                    channels=",".join(channels) if channels else None,
+                    status=EXPERIMENT_RUNNING,
+                    created_at=_now(),
+                )
+                session.add(row)
+                await session.flush()
+                return _experiment(row)
+        except IntegrityError as error:
+            raise ExperimentError(f"an experiment named {name!r} already exists") from error
+
+    async def experiments(self, *, running_only: bool = False) -> list[Experiment]:
+        """Every experiment (or the running ones), oldest first."""
+        query = select(ExperimentRow).order_by(ExperimentRow.id)
+        if running_only:
+            query = query.where(ExperimentRow.status == EXPERIMENT_RUNNING)
+        async with self._sessions() as session:
+            return [_experiment(row) for row in await session.scalars(query)]
+
+    async def experiment(self, name: str) -> Experiment | None:
+        """The experiment called ``name``, if there is one."""
+        async with self._sessions() as session:
+            row = await session.scalar(select(ExperimentRow).where(ExperimentRow.name == name))
+            return _experiment(row) if row else None
+
+    async def stop_experiment(
+        self, experiment_id: int, *, shipped: ExperimentVariant | None
+    ) -> int:
+        """End an experiment for every conversation; with ``shipped``, make that variant's prompt
+        the default of the experiment's scope in the same step. Returns the channels whose
+        default was set (0 for the deployment)."""
+        async with self._sessions.begin() as session:
+            row = await session.get(ExperimentRow, experiment_id)
+            if row is None:
+                raise LookupError(f"no experiment {experiment_id}")
+            row.status = EXPERIMENT_STOPPED
+            row.stopped_at = row.stopped_at or _now()
+            if shipped is None:
+                return 0
+            row.shipped = shipped.name
+            if not row.channels:
+                setting = await session.get(DeploymentSettingRow, DEPLOYMENT_SYSTEM_PROMPT)
+                if setting is None:
+                    setting = DeploymentSettingRow(name=DEPLOYMENT_SYSTEM_PROMPT)
+                    session.add(setting)
+                setting.value = shipped.prompt
+                setting.updated_at = _now()
+                return 0
+            return await self._ship_to_channels(session, row.channels.split(","), shipped.prompt)
+
+    async def _ship_to_channels(self, session: Any, channels: list[str], prompt: str) -> int:
+        """Set ``prompt`` as the default of every channel with one of these ids, on any
+        platform and workspace where it has settings or conversations."""
+        known = select(
+            ChannelSettingsRow.platform, ChannelSettingsRow.workspace, ChannelSettingsRow.channel
+        ).where(ChannelSettingsRow.channel.in_(channels))
+        seen = select(
+            ConversationRow.platform, ConversationRow.workspace, ConversationRow.channel
+        ).where(ConversationRow.channel.in_(channels))
+        places = set((await session.execute(known.union(seen))).all())
+        for platform, workspace, channel in places:
+            row = await session.scalar(self._select_channel(platform, workspace, channel))
+            if row is None:
+                row = ChannelSettingsRow(platform=platform, workspace=workspace, channel=channel)
+                session.add(row)
+            row.system_prompt = prompt
+            row.updated_at = _now()
+        return len(places)
+
+    async def deployment_setting(self, name: str) -> str | None:
+        """A deployment-wide setting kept in the database (None when unset)."""
+        async with self._sessions() as session:
+            row = await session.get(DeploymentSettingRow, name)
+            return row.value if row else None
+
+    async def assignment(
+        self, experiment_id: int, conversation_id: int
+    ) -> tuple[str | None, bool] | None:
+        """A conversation's stored (variant, excluded) in an experiment, or None."""
+        query = select(ExperimentAssignmentRow.variant, ExperimentAssignmentRow.excluded).where(
+            ExperimentAssignmentRow.experiment_id == experiment_id,
+            ExperimentAssignmentRow.conversation_id == conversation_id,
+        )
+        async with self._sessions() as session:
+            row = (await session.execute(query)).first()
+        return None if row is None else (row.variant, bool(row.excluded))
+
+    async def assign(
+        self, experiment_id: int, conversation_id: int, variant: str | None, *, excluded: bool
+    ) -> tuple[str | None, bool]:
+        """Store a conversation's variant (or exclusion) unless one is stored already; the one
+        that is stored afterwards, so workers choosing at once agree."""
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    insert(ExperimentAssignmentRow).values(
+                        experiment_id=experiment_id,
+                        conversation_id=conversation_id,
+                        variant=variant,
+                        excluded=excluded,
+                        created_at=_now(),
+                    )
+                )
+        except IntegrityError:
+            pass  # another worker stored its choice first: that one stands
+        stored = await self.assignment(experiment_id, conversation_id)
+        if stored is None:
+            raise LookupError(f"conversation {conversation_id} has no assignment")
+        return stored
+
+    async def conversation_created_at(self, conversation_id: int) -> datetime:
+        async with self._sessions() as session:
+            created = await session.scalar(
+                select(ConversationRow.created_at).where(ConversationRow.id == conversation_id)
+            )
+        if created is None:
+            raise LookupError(f"no conversation {conversation_id}")
+        return _aware(created) or created
+
+    async def assignment_counts(self, experiment_id: int) -> AssignmentCounts:
+        """How many conversations each variant has, and how many were excluded."""
+        query = (
+            select(ExperimentAssignmentRow.variant, ExperimentAssignmentRow.excluded, func.count())
+            .where(ExperimentAssignmentRow.experiment_id == experiment_id)
+            .group_by(ExperimentAssignmentRow.variant, ExperimentAssignmentRow.excluded)
+        )
+        async with self._sessions() as session:
+            rows = (await session.execute(query)).all()
+        per_variant = {str(v): int(n) for v, x, n in rows if not x and v is not None}
+        return AssignmentCounts(per_variant, sum(int(n) for _, x, n in rows if x))
+
+    async def experiment_replies(self, experiment_id: int) -> list[ExperimentReply]:
+        """Every ended reply of an experiment with its ratings: each user's latest click on
+        the reply's stored answer counts once."""
+        in_experiment = select(ExperimentAssignmentRow.conversation_id).where(
+            ExperimentAssignmentRow.experiment_id == experiment_id
+        )
+        latest = (
+            select(func.max(FeedbackRow.id))
+            .where(FeedbackRow.conversation_id.in_(in_experiment))
+            .group_by(FeedbackRow.message_id, FeedbackRow.user_id)
+        )
+        ratings = (
+            select(
+                MessageRow.turn_id.label("turn_id"),
+                func.count().label("rated"),
+                func.sum(case((FeedbackRow.value > 0, 1), else_=0)).label("positive"),
+            )
+            .join(MessageRow, MessageRow.id == FeedbackRow.message_id)
+            .where(FeedbackRow.id.in_(latest))
+            .group_by(MessageRow.turn_id)
+            .subquery()
+        )
+        query = (
+            select(
+                TurnRow.conversation_id,
+                TurnRow.variant,
+                TurnRow.status,
+                TurnRow.first_token_ms,
+                TurnRow.input_tokens,
+                TurnRow.output_tokens,
+                func.coalesce(ratings.c.rated, 0),
+                func.coalesce(ratings.c.positive, 0),
+            )
+            .outerjoin(ratings, ratings.c.turn_id == TurnRow.id)
+            .where(
+                TurnRow.experiment_id == experiment_id,
+                TurnRow.variant.is_not(None),
+                TurnRow.status.in_(ENDED_TURN_STATUSES),
+            )
+            .order_by(TurnRow.id)
+        )
+        async with self._sessions() as session:
+            rows = (await session.execute(query)).all()
+        return [
+            ExperimentReply(int(c), str(v), s == "failed", ttft, i, o, int(n), int(p))
+            for c, v, s, ttft, i, o, n, p in rows
+        ]
+
 
 #: Float slack in the GCRA comparison, in seconds (a wait of a microsecond is no wait).
 RATE_EPSILON_SECONDS = 1e-6
@@ -1489,6 +1788,21 @@ _PRUNE_RATE_BUDGETS = text(
     "DELETE FROM rate_budgets WHERE greatest(tat, paused_until) "
     "< extract(epoch FROM clock_timestamp())::double precision - CAST(:idle AS double precision)"
 )
+
+
+def _refuse_overlap(running: Experiment, channels: Sequence[str] | None) -> None:
+    """Raise when a new experiment over ``channels`` (None: the deployment) would share a scope
+    with ``running``: one running experiment per scope."""
+    if channels is None and running.channels is None:
+        raise ExperimentError(
+            f"experiment {running.name!r} is already running for the whole deployment; "
+            "stop it first"
+        )
+    shared = sorted(set(channels or ()) & set(running.channels or ()))
+    if shared:
+        raise ExperimentError(
+            f"experiment {running.name!r} is already running in channel {shared[0]}; stop it first"
+        )
 
 
 def _current_generation(conversation_id: int) -> Any:
