@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +30,16 @@ from core.store import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[ConversationStore]:
+    """The store on SQLite and, when reachable, on PostgreSQL."""
+    store = await ConversationStore.open(database_url)
+    yield store
+    await store.close()
+
+
 HALVES = (ExperimentVariant("a", "Prompt A.", 1), ExperimentVariant("b", "Prompt B.", 1))
 IDS = range(1, 10_001)
 
@@ -66,7 +77,8 @@ async def new_conversation(store: ConversationStore, channel: str, thread: str =
     return conversation.id
 
 
-async def test_a_stored_assignment_survives_a_weight_change(store: ConversationStore) -> None:
+async def test_a_stored_assignment_survives_a_weight_change(db: ConversationStore) -> None:
+    store = db
     experiment = await store.start_experiment("tone", "seed", HALVES, None)
     first: dict[int, str] = {}
     for thread in range(40):
@@ -103,7 +115,8 @@ async def test_own_prompts_are_excluded_and_counted(store: ConversationStore) ->
     assert await experiment_prompt(store, await store.get(own), None) is None
 
 
-async def test_one_experiment_per_scope_and_channel_first(store: ConversationStore) -> None:
+async def test_one_experiment_per_scope_and_channel_first(db: ConversationStore) -> None:
+    store = db
     deployment = await experiments.start(store, "everywhere", HALVES, [])
     with pytest.raises(ExperimentError, match="whole deployment"):
         await experiments.start(store, "again", HALVES, [])
