@@ -51,8 +51,14 @@ from core.commands import ChannelTarget, Command, HelpStyle, changes_channel, pa
 from core.config import Settings
 from core.conversation import ChatMessage, ConversationKey, IncomingMessage
 from core.engine import ChatEngine, TurnResult
-from core.errors import StoreUnavailableError, ThreadbotError
-from core.feedback import Feedback
+from core.errors import (
+    PermanentSurfaceError,
+    StoreUnavailableError,
+    SurfaceError,
+    SurfaceRateLimited,
+    ThreadbotError,
+)
+from core.feedback import Feedback, FeedbackSurface
 from core.limiters import budgets_for
 from core.ratelimit import Budgets
 from core.reply import ReplySurface
@@ -76,6 +82,8 @@ log = logging.getLogger(__name__)
 SHUTDOWN_NOTE = "_Stopped: the bot is restarting. Please ask again in a minute._"
 #: What a command that failed on our side answers (every platform).
 COMMAND_FAILED = "Sorry, that command failed on my side. Please try again in a moment."
+#: Attempts to add the feedback buttons to a reply (each waits for the scope's budget first).
+FEEDBACK_OFFER_ATTEMPTS = 3
 #: Seconds ``close`` waits for turns to end after cancelling them.
 SHUTDOWN_WAIT_SECONDS = 10.0
 #: The streamer's own texts: never part of a thread's context.
@@ -293,7 +301,7 @@ class FrontDoor:
         self.engine = engine
         self.profile = profile
         self.budgets = budgets or budgets_for(settings, engine.store)
-        self.feedback = Feedback(engine.store, engine.metrics, self.budgets)
+        self.feedback = Feedback(engine.store, engine.metrics)
         self.reopen = reopen
         self.recovery_grace = recovery_grace
         self.access = AccessRules.from_settings(settings)
@@ -477,13 +485,41 @@ class FrontDoor:
             self._report(incoming, result, streamer, received)
             if result.status == "answered" and result.reply_id is not None:
                 # Only on the final text, once the answer is stored: the buttons name it.
-                await self.feedback.offer(surface, result.reply_id, streamer.last_message)
+                await self._offer_feedback(surface, result.reply_id, streamer.last_message)
             return result
         finally:
             if lease is not None:
                 lease.cancel()
             if scope is not None:
                 self._native_in_flight[scope] -= 1
+
+    async def _offer_feedback(
+        self, surface: ReplySurface, reply_id: int, last: tuple[str, str] | None
+    ) -> bool:
+        """Add the feedback buttons to the reply's last message ``(id, shown text)``; whether
+        they are there. Best effort: an answer without buttons is still an answer."""
+        if last is None or not isinstance(surface, FeedbackSurface):
+            return False
+        scopes = surface.scopes("edit")
+        for attempt in range(1, FEEDBACK_OFFER_ATTEMPTS + 1):
+            # A progress call: it leaves part of the burst for final texts people wait for.
+            await self.budgets.acquire(scopes, progress=True)
+            try:
+                await surface.offer_feedback(reply_id, *last)
+            except SurfaceRateLimited as error:
+                for key in [error.scope] if error.scope else [scope.key for scope in scopes]:
+                    self.budgets.pause(key, error.retry_after)
+            except PermanentSurfaceError as error:
+                log.warning("answer %s: no feedback buttons (%s)", reply_id, error)
+                return False
+            except SurfaceError as error:
+                log.info("answer %s: feedback buttons, attempt %d: %s", reply_id, attempt, error)
+            else:
+                return True
+        log.warning(
+            "answer %s: no feedback buttons after %d attempts", reply_id, FEEDBACK_OFFER_ATTEMPTS
+        )
+        return False
 
     def _report(
         self,

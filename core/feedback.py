@@ -4,7 +4,7 @@ Every platform rates the same thing: the stored assistant message of an answer (
 reply's ``TurnResult.reply_id``). The front door offers the buttons once an answer is stored,
 on the last message of the reply, through the surface's ``FeedbackSurface.offer_feedback``
 (Slack: a ``chat.update`` adding a ``context_actions`` block; Discord: an edit adding a view),
-paced by the same budgets as the reply's edits. Streaming states never carry buttons, and the
+paced by the same budgets as the reply's edits (``core.bot.FrontDoor``, which owns pacing). Streaming states never carry buttons, and the
 text of every message stays exactly what the streamer showed.
 
 A click names its answer in the button (``feedback_id``: ``good:123`` / ``bad:123``). A button's
@@ -23,12 +23,10 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from core.errors import PermanentSurfaceError, SurfaceError, SurfaceRateLimited
-
 if TYPE_CHECKING:
     from core.conversation import ConversationKey
     from core.metrics import Metrics
-    from core.ratelimit import Budgets, RateScope
+    from core.ratelimit import RateScope
     from core.store import ConversationStore, RatedReply
 
 log = logging.getLogger(__name__)
@@ -37,8 +35,6 @@ GOOD, BAD = 1, -1
 #: The words a value goes by: in button ids, metrics and what users read.
 VALUE_NAMES = {GOOD: "good", BAD: "bad"}
 _FEEDBACK_ID = re.compile(r"(?P<value>good|bad):(?P<reply>\d{1,19})")
-#: Attempts to add the buttons to a reply (each waits for the scope's budget first).
-OFFER_ATTEMPTS = 3
 #: The longest reason kept (a modal's text input takes up to 4,000 characters).
 MAX_REASON_CHARS = 1000
 
@@ -84,36 +80,11 @@ class Click:
 
 
 class Feedback:
-    """Offers the buttons under answers and records clicks (see the module docstring)."""
+    """Records clicks (see the module docstring); the front door offers the buttons."""
 
-    def __init__(self, store: ConversationStore, metrics: Metrics, budgets: Budgets) -> None:
+    def __init__(self, store: ConversationStore, metrics: Metrics) -> None:
         self.store = store
         self.metrics = metrics
-        self.budgets = budgets
-
-    async def offer(self, surface: object, reply_id: int, last: tuple[str, str] | None) -> bool:
-        """Add the buttons to the reply's last message ``(id, shown text)``; whether they are
-        there. Best effort: an answer without buttons is still an answer."""
-        if last is None or not isinstance(surface, FeedbackSurface):
-            return False
-        scopes = surface.scopes("edit")
-        for attempt in range(1, OFFER_ATTEMPTS + 1):
-            # A progress call: it leaves part of the burst for final texts people wait for.
-            await self.budgets.acquire(scopes, progress=True)
-            try:
-                await surface.offer_feedback(reply_id, *last)
-            except SurfaceRateLimited as error:
-                for key in [error.scope] if error.scope else [scope.key for scope in scopes]:
-                    self.budgets.pause(key, error.retry_after)
-            except PermanentSurfaceError as error:
-                log.warning("answer %s: no feedback buttons (%s)", reply_id, error)
-                return False
-            except SurfaceError as error:
-                log.info("answer %s: feedback buttons, attempt %d: %s", reply_id, attempt, error)
-            else:
-                return True
-        log.warning("answer %s: no feedback buttons after %d attempts", reply_id, OFFER_ATTEMPTS)
-        return False
 
     async def record(self, click: Click) -> RatedReply | None:
         """Store ``click`` if it came from a message showing the answer it names; the answer,

@@ -197,9 +197,8 @@ class Chat:
     async def _rate(self, value: int, reason: str) -> str:
         """Rate this conversation's last answer (also one from an earlier run)."""
         from core.feedback import Feedback
-        from core.ratelimit import Budgets
 
-        feedback = Feedback(self.engine.store, self.engine.metrics, Budgets())
+        feedback = Feedback(self.engine.store, self.engine.metrics)
         reply = await feedback.rate_last(self.key, self.conversation, value, reason or None)
         if reply is None:
             return "There is no answer to rate yet."

@@ -6,7 +6,6 @@ from __future__ import annotations
 from core.conversation import ConversationKey
 from core.feedback import BAD, GOOD, Click, Feedback, feedback_id, parse_feedback_id
 from core.metrics import Metrics
-from core.ratelimit import Budgets
 from core.store import ConversationStore
 
 KEY = ConversationKey("slack", "T1", "C1", "100.1")
@@ -28,7 +27,7 @@ def test_button_ids_round_trip_and_refuse_other_text() -> None:
 
 async def test_the_latest_click_of_each_user_counts(store: ConversationStore) -> None:
     reply_id = await answer(store, "An answer.", "C1:1.0")
-    feedback = Feedback(store, Metrics(), Budgets())
+    feedback = Feedback(store, Metrics())
     for user, value in (("U1", GOOD), ("U2", BAD), ("U1", BAD), ("U2", GOOD)):
         assert await feedback.record(Click("slack", "C1:1.0", user, reply_id, value))
 
@@ -40,7 +39,7 @@ async def test_a_click_from_another_message_or_platform_does_not_count(
 ) -> None:
     first = await answer(store, "First.", "C1:1.0")
     await answer(store, "Second.", "C1:2.0")
-    feedback = Feedback(store, Metrics(), Budgets())
+    feedback = Feedback(store, Metrics())
 
     assert await feedback.record(Click("slack", "C1:2.0", "U1", first, GOOD)) is None
     assert await feedback.record(Click("discord", "C1:1.0", "U1", first, GOOD)) is None
@@ -49,7 +48,7 @@ async def test_a_click_from_another_message_or_platform_does_not_count(
 
 
 async def test_rating_the_last_answer_names_it(store: ConversationStore) -> None:
-    feedback = Feedback(store, Metrics(), Budgets())
+    feedback = Feedback(store, Metrics())
     assert await feedback.rate_last(KEY, "U1", GOOD) is None
     await answer(store, "Old.", "C1:1.0")
     latest = await answer(store, "New.", "C1:2.0")
@@ -64,7 +63,7 @@ async def test_the_latest_click_counts_on_every_database(database_url: str) -> N
     store = await ConversationStore.open(database_url)
     try:
         reply_id = await answer(store, "An answer.", "C1:1.0")
-        feedback = Feedback(store, Metrics(), Budgets())
+        feedback = Feedback(store, Metrics())
         for user, value in (("U1", GOOD), ("U1", BAD), ("U2", GOOD)):
             assert await feedback.record(Click("slack", "C1:1.0", user, reply_id, value))
         rated = await feedback.rate_last(KEY, "U3", BAD, "wrong")
