@@ -60,7 +60,12 @@ from core.errors import (
 )
 from core.feedback import Feedback, FeedbackSurface
 from core.limiters import budgets_for
-from core.ratelimit import Budgets
+from core.ratelimit import Budgets as Budgets
+
+# What adapters need of pacing and streaming, taken from here with the rest of the front door:
+# a profile's native streams, a surface's rate scopes, and the budgets a bot may be given (and
+# feeds a platform's rate-limit headers to).
+from core.ratelimit import RateScope as RateScope
 from core.reply import ReplySurface
 from core.store import TurnRecord, database_errors
 from core.streaming import (
@@ -72,8 +77,6 @@ from core.streaming import (
     AppendReplySurface,
     ReplyStreamer,
 )
-
-# Part of a platform's profile: adapters take it from here, with the rest of the front door.
 from core.streaming import NativeStreams as NativeStreams
 
 log = logging.getLogger(__name__)

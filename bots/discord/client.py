@@ -22,7 +22,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import discord
 import yarl
@@ -32,15 +32,11 @@ from discord.gateway import DiscordWebSocket
 from bots.discord.attachments import with_attachments
 from bots.discord.feedback import FeedbackButton
 from bots.discord.surface import DiscordReply
-from core.bot import Facts, FrontDoor, PlatformProfile, Route, ThreadLine
+from core.bot import Budgets, Facts, FrontDoor, PlatformProfile, Route, ThreadLine
 from core.commands import ChannelTarget, Command, HelpStyle, parse_command
 from core.config import Settings
 from core.conversation import ConversationKey
 from core.engine import ChatEngine
-
-if TYPE_CHECKING:
-    # Only the type of an injected budgets object: pacing is the front door's job.
-    from core.ratelimit import Budgets
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,13 @@ import aiohttp
 import discord
 
 from bots.discord.feedback import feedback_view
+from core.bot import Budgets, RateScope
 from core.errors import (
     PermanentSurfaceError,
     SurfaceError,
     SurfaceRateLimited,
     TransientSurfaceError,
 )
-from core.ratelimit import Budgets, RateScope
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
@@ -65,6 +65,7 @@ from bots.slack.surface import (
 )
 from core.bot import (
     SHUTDOWN_NOTE,
+    Budgets,
     Facts,
     FrontDoor,
     NativeMode,
@@ -78,10 +79,6 @@ from core.conversation import ConversationKey
 from core.engine import ChatEngine
 from core.errors import ConfigError, PermanentSurfaceError, StoreUnavailableError, SurfaceError
 from core.feedback import BAD, GOOD, Click, parse_feedback_id
-
-if TYPE_CHECKING:
-    # Only the type of an injected budgets object: pacing is the front door's job.
-    from core.ratelimit import Budgets
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from bots.slack.formatting import (
     markdown_blocks,
     neutralise_mentions,
 )
-from core.bot import NativeStreams
+from core.bot import NativeStreams, RateScope
 from core.errors import (
     PermanentSurfaceError,
     SurfaceError,
@@ -48,7 +48,6 @@ from core.errors import (
     TransientSurfaceError,
 )
 from core.feedback import BAD, GOOD, feedback_id
-from core.ratelimit import RateScope
 
 log = logging.getLogger(__name__)
 
