@@ -275,6 +275,8 @@ class Admission:
     turn_id: int
     #: When the message arrived (``time.monotonic``): the start of the reply's latency figures.
     received: float | None = None
+    #: Where the answer goes as recorded at intake (``Placed``), if the arrival could say.
+    place: str | None = None
 
 
 def worker_name() -> str:
@@ -335,10 +337,11 @@ class FrontDoor:
             if refusal == "dm":
                 self.spawn(self._refuse_dm(arrival), name=f"{key.platform} DM refusal")
             return None
+        store = self.engine.store
         with database_errors():
-            known = False
-            if facts.in_thread and not facts.direct:
-                known = await self.engine.knows(key)
+            # Looked up once: whether the bot is in the thread, and the conversation to record in.
+            conversation = await store.find(key) if facts.in_thread and not facts.direct else None
+            known = conversation is not None
             require_mention = self.settings.require_mention
             decision = route(facts, known=known, require_mention=require_mention)
             if not decision.answer:
@@ -346,11 +349,13 @@ class FrontDoor:
                 log.debug("%s message %s: %s", self.profile.name, arrival.message_id, why)
                 return None
             question = await arrival.question()
-            conversation, _ = await self.engine.store.get_or_create(key)
+            if conversation is None:
+                conversation, _ = await store.get_or_create(key)
             event_key = (
                 None if arrival.message_id is None else f"{key.workspace}:{arrival.message_id}"
             )
-            turn = await self.engine.store.open_turn(
+            place = arrival.place if isinstance(arrival, Placed) else None
+            turn = await store.open_turn(
                 conversation.id,
                 platform=key.platform,
                 question=question,
@@ -358,13 +363,13 @@ class FrontDoor:
                 lease_seconds=self.settings.turn_lease_seconds,
                 event_key=event_key,
                 user_id=arrival.user_id,
-                reply_to=arrival.place if isinstance(arrival, Placed) else None,
+                reply_to=place,
                 claim=event_key is not None,
             )
         if turn is None:
             log.info("dropped a second delivery of %s message %s", key.platform, arrival.message_id)
             return None
-        return Admission(arrival, decision, question, turn.id, received)
+        return Admission(arrival, decision, question, turn.id, received, place)
 
     def start(self, admission: Admission) -> asyncio.Task[TurnResult]:
         """Run an admitted turn in a task kept until it ends (``drain``, ``close``)."""
@@ -440,9 +445,12 @@ class FrontDoor:
             allow_commands=decision.commands,
             turn_id=admission.turn_id,
         )
-        return await self.answer(
-            incoming, await arrival.reply(decision), received=admission.received
-        )
+        surface = await arrival.reply(decision)
+        if isinstance(surface, Placed) and surface.place != admission.place:
+            # The reply went elsewhere than intake recorded (Discord: the thread it opened).
+            update = self.engine.store.update_turn(admission.turn_id, reply_to=surface.place)
+            self._in_background(update)
+        return await self.answer(incoming, surface, received=admission.received)
 
     async def answer_without_store(self, surface: ReplySurface, text: str) -> None:
         """Post ``text`` through the streamer alone (the database is out of reach)."""
@@ -480,8 +488,6 @@ class FrontDoor:
             log_context=str(incoming.key),
             observer=self.engine.metrics.calls(self.profile.name),
         )
-        if turn_id is not None and isinstance(surface, Placed):
-            self._in_background(self.engine.store.update_turn(turn_id, reply_to=surface.place))
         lease = None if turn_id is None else asyncio.create_task(self._hold_lease(turn_id))
         try:
             result = await self.engine.handle(incoming, streamer)
@@ -643,7 +649,12 @@ class FrontDoor:
             return
         conversation = await store.get(turn.conversation_id)
         incoming = IncomingMessage(
-            conversation.key, turn.question, turn.user_id or "", None, turn_id=turn.id
+            conversation.key,
+            turn.question,
+            turn.user_id or "",
+            None,
+            turn_id=turn.id,
+            taken_over=True,
         )
         result = await self.answer(incoming, surface, resume=turn.reply_message_ids)
         log.info("turn %s: taken over and %s", turn.id, result.status)

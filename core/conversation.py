@@ -80,6 +80,8 @@ class IncomingMessage:
     # The durable record of this question (``ConversationStore.open_turn``), when the front door
     # recorded one at intake: the engine stores the turn's progress and outcome on it.
     turn_id: int | None = None
+    # Taken over from a worker that died: its question may be stored already.
+    taken_over: bool = False
 
 
 def alternating(messages: Sequence[ChatMessage]) -> list[ChatMessage]:

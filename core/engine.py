@@ -537,7 +537,9 @@ class ChatEngine:
         system, variant = await self._system_prompt(conversation, channel.system_prompt, progress)
         # A turn taken over from a worker that died may have stored its question already.
         stored = (
-            None if progress.turn_id is None else await self.store.turn_question(progress.turn_id)
+            await self.store.turn_question(progress.turn_id)
+            if incoming.taken_over and progress.turn_id is not None
+            else None
         )
         try:
             question = stored or await self._write(
