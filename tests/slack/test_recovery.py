@@ -16,8 +16,7 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -65,22 +64,6 @@ async def turns_of(store: ConversationStore, key: ConversationKey) -> list[TurnR
         return [await store.get_turn(turn_id) for turn_id in list(ids)]
 
 
-@pytest.fixture
-def dead_worker(tmp_path: Path) -> Iterator[Callable[..., BotProcess]]:
-    """Start ``python -m bots.slack`` with these variables; killed at the end if still running."""
-    started: list[BotProcess] = []
-
-    def start(**env: str) -> BotProcess:
-        directory = tmp_path / f"process{len(started)}"
-        directory.mkdir()
-        started.append(BotProcess(directory, env))
-        return started[-1]
-
-    yield start
-    for process in started:
-        process.kill()
-
-
 def shown(state: str) -> str:
     """A message state without the streaming cursor."""
     return state.removesuffix(STREAMING_INDICATOR)
@@ -88,7 +71,7 @@ def shown(state: str) -> str:
 
 async def test_two_live_workers_finish_a_dead_workers_reply_exactly_once(
     postgres_url: str,
-    dead_worker: Callable[..., BotProcess],
+    bot_process: Callable[..., BotProcess],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="core.bot")
@@ -111,7 +94,7 @@ async def test_two_live_workers_finish_a_dead_workers_reply_exactly_once(
             TURN_LEASE_SECONDS=str(LEASE_SECONDS),
             SLACK_STREAMING="update",
         )
-        doomed = dead_worker(**env)
+        doomed = bot_process(**env)
         await doomed.healthy(session)
         ts = fake.next_ts()
         await signed_sender(doomed, fake, session).mention(question, channel=channel, ts=ts)

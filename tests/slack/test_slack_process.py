@@ -11,11 +11,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from bots.slack.app import EVENTS_PATH, HEALTH_PATH
 from core.bot import SHUTDOWN_NOTE
@@ -99,22 +98,6 @@ class BotProcess:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-
-
-@pytest.fixture
-def bot_process(tmp_path: Path) -> Iterator[Callable[..., BotProcess]]:
-    """Start ``python -m bots.slack`` with these variables; killed at the end if still running."""
-    started: list[BotProcess] = []
-
-    def start(**env: str) -> BotProcess:
-        directory = tmp_path / f"run{len(started)}"
-        directory.mkdir()
-        started.append(BotProcess(directory, env))
-        return started[-1]
-
-    yield start
-    for process in started:
-        process.kill()
 
 
 def http_env(fake: FakeSlack, **env: str) -> dict[str, str]:

@@ -712,7 +712,6 @@ class FakeDiscord:
     ) -> str:
         """Dispatch an app command invocation; return its token (key of ``original_edits``)."""
         user = user or self.owner
-        channel = self.channels[channel_id]
         # Option types as Discord sends them: 4 INTEGER, 3 STRING.
         opts = [
             {"name": k, "type": 4 if isinstance(v, int) else 3, "value": v}
@@ -720,44 +719,17 @@ class FakeDiscord:
         ]
         if subcommand is not None:
             opts = [{"name": subcommand, "type": 1, "options": opts}]
-        token = uuid.uuid4().hex
-        self._interaction_channels[token] = channel_id
-        data: Json = {
-            "id": str(self.snowflake()),
-            "application_id": str(self.app_id),
-            "type": 2,
-            "token": token,
-            "version": 1,
-            "data": {"id": str(self.snowflake()), "name": name, "type": 1, "options": opts},
-            "channel_id": str(channel_id),
-            "channel": channel,
-            "locale": "en-US",
-            "attachment_size_limit": 10_485_760,
-            "entitlements": [],
-            "authorizing_integration_owners": {"0": str(self.guild_id)},
-            "app_permissions": str(permissions),
-        }
-        if channel.get("guild_id"):
-            data["guild_id"] = channel["guild_id"]
-            data["guild_locale"] = "en-US"
-            data["context"] = 0
-            data["member"] = {
-                "user": user,
-                "roles": [],
-                "joined_at": _iso(),
-                "deaf": False,
-                "mute": False,
-                "permissions": str(permissions),
-                "flags": 0,
-            }
-        else:
-            data["context"] = 1
-            data["user"] = user
+        command = {"id": str(self.snowflake()), "name": name, "type": 1, "options": opts}
+        data = self._interaction_base(2, channel_id, user, command, permissions=permissions)
+        token = str(data["token"])
         await self.dispatch("INTERACTION_CREATE", data)
         return token
 
-    def _interaction_base(self, kind: int, channel_id: int, user: Json, data: Json) -> Json:
-        """An INTERACTION_CREATE payload of ``kind`` by ``user`` in ``channel_id``."""
+    def _interaction_base(
+        self, kind: int, channel_id: int, user: Json, data: Json, *, permissions: int = 0
+    ) -> Json:
+        """An INTERACTION_CREATE payload of ``kind`` by ``user`` in ``channel_id``, who holds
+        ``permissions`` there (the bitfield Discord computes for the member)."""
         channel = self.channels[channel_id]
         token = uuid.uuid4().hex
         self._interaction_channels[token] = channel_id
@@ -774,7 +746,7 @@ class FakeDiscord:
             "attachment_size_limit": 10_485_760,
             "entitlements": [],
             "authorizing_integration_owners": {"0": str(self.guild_id)},
-            "app_permissions": "0",
+            "app_permissions": str(permissions),
         }
         if channel.get("guild_id"):
             payload["guild_id"] = channel["guild_id"]
@@ -786,7 +758,7 @@ class FakeDiscord:
                 "joined_at": _iso(),
                 "deaf": False,
                 "mute": False,
-                "permissions": "0",
+                "permissions": str(permissions),
                 "flags": 0,
             }
         else:
