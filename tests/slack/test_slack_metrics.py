@@ -16,12 +16,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from prometheus_client.parser import text_string_to_metric_families
 
 from bots.metrics_http import METRICS_PATH
-from tests.slack.test_slack_process import CHANNEL, BotProcess, bot_process, http_env, signed_sender
+from tests.slack.test_slack_process import CHANNEL, BotProcess, http_env, signed_sender
 from tests.wire.llm_server import FakeLLMServer, answer, rate_limited, server_error
 from tests.wire.slack import FakeSlack
 from tests.wire.slack.harness import free_port, until
-
-__all__ = ["bot_process"]  # the fixture, imported so pytest finds it here
 
 ANSWER = "Metrics are figures over time."
 #: Tokens the LLM fake reports for the answer.
