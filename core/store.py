@@ -109,6 +109,8 @@ class ConversationRow(Base):
     summary_upto_id: Mapped[int | None] = mapped_column(BigId, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    # The model this conversation was switched to (migration 0006); NULL: the channel's default.
+    model: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
 class MessageRow(Base):
@@ -182,6 +184,10 @@ class TurnRow(Base):
     variant: Mapped[str | None] = mapped_column(String(100), nullable=True)
     prompt_version: Mapped[str | None] = mapped_column(String(16), nullable=True)
     first_token_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # A stop asked for while the turn answered (migration 0006), seen by the worker answering it.
+    stop_requested_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True
+    )
 
 
 class FeedbackRow(Base):
@@ -263,6 +269,9 @@ class ChannelSettingsRow(Base):
     max_history_messages: Mapped[int | None] = mapped_column(Integer, nullable=True)
     max_history_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    # Migration 0006: the channel's default model, and how answers stream there.
+    model: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    streaming: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 class ProcessedEventRow(Base):
