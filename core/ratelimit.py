@@ -148,6 +148,8 @@ class Budget:
         # Urgent calls granted in a row while ordinary callers waited.
         self._streak = 0
         self.granted = 0
+        # Calls announced but not queued yet (``Budgets.hold``): the scope is not idle.
+        self.held = 0
 
     @property
     def waiting(self) -> int:
@@ -409,12 +411,16 @@ class Budgets:
         for scope in sorted(set(scopes), key=lambda s: s.key):
             await self.budget(scope).acquire(urgent=urgent, progress=progress)
 
-    async def idle(self, scopes: Iterable[RateScope]) -> bool:
+    async def idle(self, scopes: Iterable[RateScope], *, progress: bool = False) -> bool:
         """Whether a call in every scope could go now without queueing: nobody waits for it in
-        this process, its own bucket has a token, and the bucket shared with other processes
-        (if any) has one too. Takes nothing."""
+        this process (nor announced one, ``hold``), its own bucket has a token, and the bucket
+        shared with other processes (if any) has one too. ``progress``: whether a progress call
+        would go now, leaving the scope's reserve for urgent calls. Takes nothing."""
         budgets = [self.budget(scope) for scope in set(scopes)]
-        if any(budget.waiting or budget.delay() for budget in budgets):
+        if any(
+            budget.waiting or budget.held or budget.delay(budget.reserve if progress else 0)
+            for budget in budgets
+        ):
             return False
         if self._shared is None:
             return True
@@ -423,6 +429,37 @@ class Budgets:
             *(shared.available(b.key, b.per_second, b.burst) for b in budgets)
         )
         return not any(waits)
+
+    def delay(self, scopes: Iterable[RateScope], *, progress: bool = False) -> float:
+        """Seconds until a call in every scope could go as far as this process's buckets tell
+        (0: now; ``progress`` leaves the reserve), ignoring queues and other processes. Takes
+        nothing: a hint for when to look again (``idle``)."""
+        return max(
+            (
+                budget.delay(budget.reserve if progress else 0)
+                for budget in (self.budget(scope) for scope in set(scopes))
+            ),
+            default=0.0,
+        )
+
+    def hold(self, scopes: Iterable[RateScope]) -> Callable[[], None]:
+        """Announce a call about to queue in ``scopes``: ``idle`` answers False for them until
+        the returned release is called (once; later calls do nothing). A reply that decided to
+        stream by edits holds its edit scopes until its first edit is granted, so replies
+        deciding at the same moment do not all count on the same idle bucket."""
+        budgets = [self.budget(scope) for scope in set(scopes)]
+        for budget in budgets:
+            budget.held += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                for budget in budgets:
+                    budget.held -= 1
+
+        return release
 
     def pause(self, key: str, seconds: float) -> None:
         """A 429 on ``key``: every reply in the scope waits ``seconds``, in every process."""
