@@ -874,13 +874,12 @@ class FrontDoor:
             return mode
         try:
             with database_errors():
-                channel = await self.engine.store.channel_settings(
+                chosen = await self.engine.store.channel_streaming(
                     key.platform, key.workspace, key.channel
                 )
         except StoreUnavailableError as error:
             log.warning("%s: channel streaming setting not read (%s)", key, error)
             return mode
-        chosen: str | None = getattr(channel, "streaming", None)
         return CHANNEL_STREAMING_MODES.get(chosen or "", mode)
 
     def _native_refused_by(self, scope: str) -> None:

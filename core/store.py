@@ -1022,6 +1022,18 @@ class ConversationStore:
         shown = row.platform_message_ids or reply_ids or ""
         return _message(row), row.turn_id, tuple(filter(None, shown.split(",")))
 
+    async def channel_streaming(self, platform: str, workspace: str, channel: str) -> str | None:
+        """How the channel chose its answers to stream (``native``, ``update``, ``auto``; the
+        ``streaming`` command), or None."""
+        query = select(ChannelSettingsRow.streaming).where(
+            ChannelSettingsRow.platform == platform,
+            ChannelSettingsRow.workspace == workspace,
+            ChannelSettingsRow.channel == channel,
+        )
+        async with self._sessions() as session:
+            chosen: str | None = await session.scalar(query)
+        return chosen
+
     async def start_regeneration(
         self,
         answer_id: int,
