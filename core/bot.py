@@ -684,6 +684,9 @@ class FrontDoor:
                             self._live.discard(turn_id)
             except StoreUnavailableError as error:
                 log.warning("stop requests not read (%s)", error)
+            except Exception:
+                # The watch must outlive a bug or a closing store: stops are best effort.
+                log.exception("stop requests not read")
 
     async def regenerate(
         self, key: ConversationKey, message_id: str, *, user_id: str, surface: ReplySurface
