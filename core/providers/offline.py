@@ -27,6 +27,7 @@ class OfflineRequest:
     messages: tuple[ChatMessage, ...]
     system: str
     max_tokens: int
+    model: str = ""
 
 
 @register
@@ -71,8 +72,11 @@ class OfflineProvider(Provider):
         system: str,
         max_tokens: int,
         usage: Usage | None = None,
+        model: str | None = None,
     ) -> AsyncIterator[str]:
-        self.requests.append(OfflineRequest(tuple(messages), system, max_tokens))
+        self.requests.append(
+            OfflineRequest(tuple(messages), system, max_tokens, model or self.model)
+        )
         script = self._scripts.popleft() if self._scripts else demo_answer(messages)
         produced: list[str] = []
         for item in script:
