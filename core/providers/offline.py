@@ -57,9 +57,10 @@ class OfflineProvider(Provider):
         self._clock = clock
         self._scripts: deque[Script] = deque()
 
-    @property
-    def label(self) -> str:
-        return "offline (scripted demo answers, no model)"
+    def label_for(self, model: str) -> str:
+        if model == self.model:
+            return "offline (scripted demo answers, no model)"
+        return f"offline ({model}: scripted demo answers, no model)"
 
     def enqueue(self, *scripts: Script) -> None:
         """Queue answers; each is streamed by one later request, in order."""
