@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import select
 
 from core.bot import FrontDoor, PlatformProfile
 from core.commands import HelpStyle
@@ -22,7 +22,7 @@ from core.outcomes import (
 )
 from core.providers.offline import OfflineProvider
 from core.ratelimit import Budgets, RateScope
-from core.store import ChannelSettingsRow, ConversationStore, MessageRow, TurnRow
+from core.store import ConversationStore, MessageRow, TurnRow
 from core.streaming import RETRACTED_TEXT, NativeStreams
 from tests.core.test_front_door import TOY, ToyArrival, ToyChat, ToySurface, shown
 
@@ -334,13 +334,8 @@ async def test_each_reply_streams_natively_only_where_its_mode_and_reader_allow(
         native_mode=mode,  # type: ignore[arg-type]
     )
     door = FrontDoor(engine.settings, engine, profile, budgets=Budgets())
-    if channel is not None:
-        async with engine.store.engine.begin() as conn:
-            await conn.execute(
-                insert(ChannelSettingsRow).values(
-                    platform="toy", workspace="home", channel="general", streaming=channel
-                )
-            )
+    if channel is not None:  # what the ``streaming`` command stores
+        await engine.store.update_channel_settings("toy", "home", "general", streaming=channel)
     provider.enqueue(["Streamed ", "or ", "edited."])
     arrival = PrivateArrival(chat, "t1", private)
     door.receive(arrival)
