@@ -57,7 +57,9 @@ from bots.slack.formatting import (
 )
 from bots.slack.surface import (
     NATIVE_STREAMS,
+    STATUS_REFRESH_SECONDS,
     ReplyTarget,
+    SlackExtras,
     SlackReply,
     message_id,
     translate,
@@ -70,6 +72,7 @@ from core.bot import (
     FrontDoor,
     NativeMode,
     PlatformProfile,
+    RateScope,
     Route,
     ThreadLine,
 )
@@ -93,8 +96,19 @@ COMMAND_ACK_BUDGET_SECONDS = 2.0
 #: Message subtypes that carry a person's words; every other subtype (message_changed,
 #: message_deleted, channel_join, bot_message, ...) is dropped.
 ANSWERED_SUBTYPES = frozenset({"thread_broadcast", "file_share"})
-#: Event types the bot answers; every other event is acked and dropped.
+#: Event types the bot answers; every other event is acked and dropped (but ``LIFECYCLE_EVENTS``).
 HANDLED_EVENTS = frozenset({"app_mention", "message"})
+#: Events about the app's assistant threads and agent sessions, acked at once and handled in the
+#: background: a new assistant thread (Assistant messaging experience) or an opened DM (Agent
+#: messaging experience) gets the suggested prompts; a click on an agent session's stop button
+#: stops the answer streaming in that thread.
+LIFECYCLE_EVENTS = frozenset(
+    {"assistant_thread_started", "app_home_opened", "agent_session_stopped"}
+)
+#: Seconds the suggested prompts call may wait for its budget; it is Tier 4: 100+ per minute.
+PROMPTS_WAIT_SECONDS = 2.0
+SUGGESTED_PROMPTS_PER_SECOND = 100 / 60
+SUGGESTED_PROMPTS_BURST = 5
 #: Message ids remembered per process to drop second deliveries before any database work.
 RECENT_MESSAGE_IDS = 10_000
 #: Thread messages read to seed a conversation (conversations.replies allows up to 1,000 a page;
@@ -129,12 +143,14 @@ FEEDBACK_FAILED = "Sorry, your feedback couldn't be saved. Please try again in a
 def profile(
     settings: Settings, *, command_deadline: float = COMMAND_ACK_BUDGET_SECONDS
 ) -> PlatformProfile:
-    """Slack as the front door sees it: typed commands after SLACK_COMMAND, no typing indicator,
+    """Slack as the front door sees it: typed commands after SLACK_COMMAND, the thread's status
+    (``assistant.threads.setStatus``) as the typing indicator, renewed before Slack drops it,
     native streams (``chat.startStream``) used as SLACK_STREAMING says."""
     return PlatformProfile(
         name=PLATFORM,
         help=HelpStyle(prefix=settings.slack_command + " "),
         command_deadline=command_deadline,
+        typing_refresh=STATUS_REFRESH_SECONDS,
         native=NATIVE_STREAMS,
         native_mode=NATIVE_MODES[settings.slack_streaming],
         channel_rights=CHANNEL_RIGHTS_NEEDED,
@@ -208,6 +224,11 @@ class SlackBot:
             reopen=self.reopen,
         )
         self.rate_scale = rate_scale
+        self.extras = SlackExtras(
+            self.door.budgets,
+            loading_messages=settings.slack_loading_messages,
+            rate_scale=rate_scale,
+        )
         self.bot_user_id = ""
         self.team_id = ""
         self.ready = False
@@ -302,10 +323,13 @@ class SlackBot:
         """Stop taking work; end every reply in progress with ``note`` and wait for them."""
         self.ready = False
         await self.door.close(note)
+        await self.extras.close()
 
     async def drain(self) -> None:
-        """Wait until every event accepted so far has been answered (tests, benchmarks)."""
+        """Wait until every event accepted so far has been answered (tests, benchmarks), and
+        its agent-session calls made."""
         await self.door.drain()
+        await self.extras.drain()
 
     def web_app(self, *, events: bool = True) -> web.Application:
         """The HTTP endpoints: ``POST /slack/events`` (Bolt, unless ``events`` is false: Socket
@@ -350,6 +374,9 @@ class SlackBot:
             # Shutting down: Slack delivers the event again, to a worker that will answer it.
             return BoltResponse(status=503, body="")
         event = body.get("event") or {}
+        if event.get("type") in LIFECYCLE_EVENTS:
+            self._lifecycle(body, event)
+            return BoltResponse(status=200, body="")
         if event.get("type") not in HANDLED_EVENTS or _is_noise(event, self.bot_user_id):
             return BoltResponse(status=200, body="")
         id_ = message_id(str(event.get("channel", "")), str(event.get("ts", "")))
@@ -371,8 +398,63 @@ class SlackBot:
             log.warning("%s not taken (%s): answering 503 so Slack delivers it again", id_, reason)
             return BoltResponse(status=503, body="")
         if admission is not None:
-            self.door.start(admission)
+            arrival = admission.arrival
+            turn = self.door.start(admission)
+            if isinstance(arrival, SlackArrival):
+                # Whatever happened to the turn, the thread's agent session is active again.
+                turn.add_done_callback(lambda _: arrival.turn_ended())
         return BoltResponse(status=200, body="")
+
+    def _lifecycle(self, body: dict[str, Any], event: dict[str, Any]) -> None:
+        """An assistant-thread or agent-session event: acknowledged at once (the caller answers
+        200), delivered once (Slack's retries carry the same event id), handled in a task."""
+        event_id = str(body.get("event_id") or "")
+        if event_id:
+            if f"event:{event_id}" in self._recent:
+                return
+            self._remember(f"event:{event_id}")
+        team = str(body.get("team_id") or self.team_id)
+        kind = event.get("type")
+        if kind == "assistant_thread_started":
+            thread = event.get("assistant_thread") or {}
+            channel, thread_ts = str(thread.get("channel_id") or ""), thread.get("thread_ts")
+            if channel and thread_ts:
+                self.door.spawn(self.suggest_prompts(team, channel, str(thread_ts)), name=kind)
+        elif kind == "app_home_opened":
+            # The Agent messaging experience: the DM's Messages tab opened; prompts go without
+            # a thread (a thread_ts would make Slack drop the call for an agent app).
+            channel = str(event.get("channel") or "")
+            if event.get("tab") == "messages" and channel:
+                self.door.spawn(self.suggest_prompts(team, channel, None), name=kind)
+
+    async def suggest_prompts(self, team: str, channel: str, thread_ts: str | None) -> bool:
+        """The deployment's suggested prompts (SLACK_SUGGESTED_PROMPTS) in a new assistant thread
+        or an opened agent DM (``assistant.threads.setSuggestedPrompts``); whether Slack took
+        them. Nothing is called when none are set."""
+        prompts = self.settings.slack_suggested_prompts
+        if not prompts:
+            return False
+        kwargs: dict[str, Any] = {
+            "channel_id": channel,
+            "prompts": [{"title": title, "message": message} for title, message in prompts],
+        }
+        if thread_ts:
+            kwargs["thread_ts"] = thread_ts
+        scopes = (
+            RateScope(
+                f"slack:{team}:assistant.threads.setSuggestedPrompts",
+                SUGGESTED_PROMPTS_PER_SECOND * self.rate_scale,
+                SUGGESTED_PROMPTS_BURST,
+            ),
+        )
+        return await self.extras.call(
+            team,
+            "assistant.threads.setSuggestedPrompts",
+            scopes,
+            self.client.assistant_threads_setSuggestedPrompts,
+            kwargs,
+            wait=PROMPTS_WAIT_SECONDS,
+        )
 
     def _is_candidate(self, event: dict[str, Any]) -> bool:
         """Cheap checks that need no database: DMs, mentions and thread replies go on."""
@@ -413,7 +495,7 @@ class SlackBot:
 
     def reply_surface(self, target: ReplyTarget) -> SlackReply:
         """The surface one answer at ``target`` is streamed into."""
-        return SlackReply(self.client, target, rate_scale=self.rate_scale)
+        return SlackReply(self.client, target, rate_scale=self.rate_scale, extras=self.extras)
 
     async def reopen(self, place: str) -> SlackReply | None:
         """The surface of a reply a worker that died left unfinished (``SlackReply.place``)."""
@@ -572,6 +654,9 @@ class SlackArrival:
         direct = event.get("channel_type") == "im"
         mentioned = event.get("type") == "app_mention" or mentions(raw, bot.bot_user_id)
         self.facts = Facts(direct=direct, mentioned=mentioned, in_thread=thread_ts is not None)
+        # A DM (assistant threads included) is read by the asker alone: native streams there.
+        self.private = direct
+        self.surface: SlackReply | None = None
         user_team = str(event.get("user_team") or event.get("team") or team)
         if direct:
             # The DM is one conversation; answer where the person wrote (top level or thread).
@@ -594,7 +679,13 @@ class SlackArrival:
         return await self.bot.thread_lines(self.target.channel, self.key.thread, before=before)
 
     async def reply(self, route: Route) -> SlackReply:
-        return self.bot.reply_surface(self.target)
+        self.surface = self.bot.reply_surface(self.target)
+        return self.surface
+
+    def turn_ended(self) -> None:
+        """The turn's task ended: the thread's agent session goes back to ``active``."""
+        if self.surface is not None:
+            self.surface.end_session()
 
     async def may_change_channel(self) -> bool:
         return await self.bot.may_change_channel(self.user_id)

@@ -59,11 +59,14 @@ async def test_mention_streams_the_answer_into_the_thread_under_it(sqlite_url: s
         [reply] = h.fake.bot_messages(CHANNEL)
         assert reply.thread_ts == ts
         assert reply.visible() == "".join(answer)
-        # It streamed: a thinking placeholder, then growing text with the indicator, then the
-        # exact final text without it.
-        assert reply.states[0] == THINKING_TEXT
-        assert any(s.endswith(STREAMING_INDICATOR) for s in reply.states[1:-1])
-        assert len(reply.states) >= 3
+        # It streamed: the thread's status while waiting (no placeholder message), then growing
+        # text with the indicator, then the exact final text without it.
+        [status] = h.fake.statuses
+        assert (status.channel, status.thread_ts) == (CHANNEL, ts)
+        assert status.at <= reply.times[0]
+        assert THINKING_TEXT not in reply.states
+        assert any(s.endswith(STREAMING_INDICATOR) for s in reply.states[:-1])
+        assert len(reply.states) >= 2
         # Markdown goes to Slack as Markdown, in a markdown block, with a plain fallback.
         update = h.fake.calls_to("chat.update")[-1].args
         # The last update adds the feedback buttons after the same markdown block.
