@@ -33,7 +33,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiohttp
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.app.async_app import AsyncApp
@@ -80,7 +82,13 @@ from core.commands import ChannelTarget, Command, HelpStyle, parse_command
 from core.config import Settings
 from core.conversation import ConversationKey
 from core.engine import ChatEngine
-from core.errors import ConfigError, PermanentSurfaceError, StoreUnavailableError, SurfaceError
+from core.errors import (
+    ConfigError,
+    PermanentSurfaceError,
+    StoreUnavailableError,
+    SurfaceError,
+    TransientSurfaceError,
+)
 from core.feedback import BAD, GOOD, Click, parse_feedback_id
 
 log = logging.getLogger(__name__)
@@ -132,6 +140,16 @@ ADMIN_FLAGS = ("is_admin", "is_owner", "is_primary_owner")
 #: Seconds a user's admin standing is remembered (users.info is Tier 4; a demoted admin keeps
 #: the rights this long).
 ADMIN_CACHE_SECONDS = 300.0
+#: Where Slack serves files (``url_private_download``); the bot token is sent nowhere else (but
+#: to SLACK_API_URL's host, where a proxy or a test double stands in for Slack).
+SLACK_FILE_HOSTS = frozenset({"files.slack.com"})
+#: Seconds a file download may take in all, and to connect.
+FILE_DOWNLOAD_SECONDS = 30.0
+FILE_CONNECT_SECONDS = 10.0
+#: The most bytes one download reads, whatever Slack said the file's size is.
+FILE_MAX_BYTES = 20 * 1024 * 1024
+#: Read size of a download's body.
+FILE_CHUNK_BYTES = 64 * 1024
 
 
 #: What a thumbs-up, a click that does not count, or one we failed to store answer (ephemeral).
@@ -492,6 +510,62 @@ class SlackBot:
                 plain = to_plain(strip_mention(text, self.bot_user_id))
                 lines.append(ThreadLine(_speaker(message), plain))
         return lines
+
+    async def download_file(self, url: str, *, max_bytes: int = FILE_MAX_BYTES) -> bytes:
+        """A file's bytes from its ``url_private_download``, with the bot token (``files:read``).
+
+        Raises ``PermanentSurfaceError`` when the URL is not Slack's, when Slack sends the
+        request to sign in instead (a redirect: the app lacks ``files:read`` or the file is not
+        shared with it) or the file holds more than ``max_bytes``; ``TransientSurfaceError``
+        for timeouts, dropped connections, 429s and 5xx. The caller (core) turns any failure
+        into a one-line note after the answer.
+        """
+        host = (urlsplit(url).hostname or "").lower()
+        api_host = (urlsplit(self.settings.slack_api_url).hostname or "").lower()
+        if url.split(":", 1)[0].lower() not in ("https", "http") or host not in (
+            SLACK_FILE_HOSTS | {api_host}
+        ):
+            raise PermanentSurfaceError(f"not a Slack file URL: {url!r}", code="not_slack_file")
+        headers = {"Authorization": f"Bearer {self.client.token}"}
+        timeout = aiohttp.ClientTimeout(total=FILE_DOWNLOAD_SECONDS, connect=FILE_CONNECT_SECONDS)
+        session = self.client.session
+        own = session is None or session.closed
+        if own:
+            session = aiohttp.ClientSession()
+        assert session is not None
+        try:
+            async with session.get(
+                url, headers=headers, timeout=timeout, allow_redirects=False
+            ) as response:
+                status = response.status
+                kind = response.content_type
+                if status == 429 or status >= 500 or status == 408:
+                    raise TransientSurfaceError(f"Slack file download: HTTP {status}")
+                if 300 <= status < 400 or status in (401, 403) or kind == "text/html":
+                    raise PermanentSurfaceError(
+                        f"Slack file download refused (HTTP {status}): the app needs the "
+                        "files:read scope, and the file must be shared where the bot is",
+                        code="file_access_denied",
+                    )
+                if status != 200:
+                    raise PermanentSurfaceError(
+                        f"Slack file download: HTTP {status}", code=f"http_{status}"
+                    )
+                data = bytearray()
+                async for chunk in response.content.iter_chunked(FILE_CHUNK_BYTES):
+                    data += chunk
+                    if len(data) > max_bytes:
+                        raise PermanentSurfaceError(
+                            f"Slack file larger than {max_bytes} bytes", code="file_too_large"
+                        )
+                return bytes(data)
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise TransientSurfaceError(
+                f"Slack file download: {type(error).__name__}: {error}"
+            ) from error
+        finally:
+            if own:
+                await session.close()
 
     def reply_surface(self, target: ReplyTarget) -> SlackReply:
         """The surface one answer at ``target`` is streamed into."""
