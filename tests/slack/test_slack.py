@@ -633,10 +633,16 @@ async def test_shutdown_ends_replies_in_progress_with_a_note(sqlite_url: str) ->
 @pytest.mark.parametrize("name", ["slack-manifest.yml", "slack-manifest.socket.yml"])
 def test_manifest_matches_what_the_bot_serves(name: str) -> None:
     text = (Path(__file__).resolve().parents[2] / name).read_text()
-    for scope in ("app_mentions:read", "chat:write", "commands", "channels:history", "im:history"):
+    scopes = ("app_mentions:read", "chat:write", "commands", "channels:history", "im:history")
+    # Issue 14: suggested prompts, files attached to questions.
+    for scope in (*scopes, "assistant:write", "files:read"):
         assert f"- {scope}\n" in text
-    for event in ("app_mention", "message.channels", "message.groups", "message.im"):
+    events = ("app_mention", "message.channels", "message.groups", "message.im")
+    # Issue 14: prompts when the DM opens, and the agent session's stop button.
+    for event in (*events, "app_home_opened", "agent_session_stopped"):
         assert f"- {event}\n" in text
+    # An agent app: its status, agent sessions and their stop button.
+    assert "\n  agent_view:\n    agent_description: " in text
     assert "command: /chatbot\n" in text
     socket = name.endswith(".socket.yml")
     assert f"socket_mode_enabled: {'true' if socket else 'false'}\n" in text
