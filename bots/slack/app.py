@@ -67,6 +67,7 @@ from bots.slack.surface import (
     translate,
     translated_errors,
 )
+from core.attachments import MAX_ATTACHMENT_BYTES, Attachment
 from core.bot import (
     SHUTDOWN_NOTE,
     Budgets,
@@ -166,7 +167,7 @@ def profile(
     native streams (``chat.startStream``) used as SLACK_STREAMING says."""
     return PlatformProfile(
         name=PLATFORM,
-        help=HelpStyle(prefix=settings.slack_command + " "),
+        help=HelpStyle(prefix=settings.slack_command + " ", native_streams=True),
         command_deadline=command_deadline,
         typing_refresh=STATUS_REFRESH_SECONDS,
         native=NATIVE_STREAMS,
@@ -567,6 +568,27 @@ class SlackBot:
             if own:
                 await session.close()
 
+    def attachments(self, event: dict[str, Any]) -> tuple[Attachment, ...]:
+        """The files of a message event as the core takes them, each downloaded only when the
+        core asks (``fetch``), bounded by the largest file the core may want."""
+        bound = max(self.settings.max_image_bytes, MAX_ATTACHMENT_BYTES)
+        found: list[Attachment] = []
+        for file in event.get("files") or ():
+            if not isinstance(file, dict):
+                continue
+            url = file.get("url_private_download") or file.get("url_private")
+            if not url or file.get("mode") == "tombstone":
+                continue  # Deleted, or beyond what the workspace's plan lets the app see.
+            found.append(
+                Attachment(
+                    name=str(file.get("name") or file.get("title") or file.get("id") or "file"),
+                    media_type=str(file.get("mimetype") or ""),
+                    size=int(file.get("size") or 0),
+                    fetch=functools.partial(self.download_file, str(url), max_bytes=bound),
+                )
+            )
+        return tuple(found)
+
     def reply_surface(self, target: ReplyTarget) -> SlackReply:
         """The surface one answer at ``target`` is streamed into."""
         return SlackReply(self.client, target, rate_scale=self.rate_scale, extras=self.extras)
@@ -731,6 +753,7 @@ class SlackArrival:
         # A DM (assistant threads included) is read by the asker alone: native streams there.
         self.private = direct
         self.surface: SlackReply | None = None
+        self.attachments = bot.attachments(event)
         user_team = str(event.get("user_team") or event.get("team") or team)
         if direct:
             # The DM is one conversation; answer where the person wrote (top level or thread).

@@ -118,10 +118,12 @@ class SlackSender:
         user: str = "U_ALICE",
         thread_ts: str | None = None,
         both: bool = True,
+        extra: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> list[Answer]:
         """A channel message mentioning the bot, delivered as Slack does: as ``app_mention`` and,
-        when ``both``, also as ``message`` (two events with different event ids)."""
+        when ``both``, also as ``message`` (two events with different event ids). ``extra``
+        goes into both events (``files``, a ``subtype``)."""
         base: dict[str, Any] = {
             "user": user,
             "text": f"<@{self.bot_user_id}> {text}".rstrip(),
@@ -132,6 +134,7 @@ class SlackSender:
         }
         if thread_ts:
             base["thread_ts"] = thread_ts
+        base.update(extra or {})
         answers = [await self.event({"type": "app_mention", **base}, **kwargs)]
         if both:
             answers.append(
