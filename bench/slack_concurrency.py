@@ -6,7 +6,7 @@ The real Bolt app in HTTP mode and the real AsyncWebClient against the local fak
 chat.postMessage's per channel) with real 429s. Each conversation is a mention at the top of a
 channel; its end-to-end time runs from the moment its mention is sent to the moment the fake
 Slack first shows its reply's final text (the whole answer, streaming indicator gone). Prints,
-for each streaming mode: the slowest and median end-to-end seconds, the first text's median, the
+for each streaming mode: the slowest and median end-to-end seconds, the first message's median, the lag from the last token to the final text, the
 429s seen, and the calls made per method.
 
     .venv/bin/python bench/slack_concurrency.py [--conversations 20] [--channels 5]
@@ -71,6 +71,7 @@ async def run(mode: str, conversations: int, channels: int, scale: float, delay:
 
             ends: list[float] = []
             firsts: list[float] = []
+            lags: list[float] = []
             incomplete = 0
             for (channel, ts), text in questions.items():
                 expected = "".join(demo_answer([ChatMessage("user", text)]))
@@ -81,6 +82,7 @@ async def run(mode: str, conversations: int, channels: int, scale: float, delay:
                     continue
                 ends.append(shown - sent[(channel, ts)])
                 firsts.append(replies[0].times[0] - sent[(channel, ts)])
+                lags.append(shown - provider.last_token_at[text])
             calls = {k: v for k, v in sorted(fake.counts.items()) if k not in NOT_COUNTED}
             print(
                 f"mode={mode}: {conversations} conversations in {channels} channels, "
@@ -93,6 +95,10 @@ async def run(mode: str, conversations: int, channels: int, scale: float, delay:
                     f"median {statistics.median(ends):.2f} s"
                 )
                 print(f"  first message shown:     median {statistics.median(firsts):.2f} s")
+                print(
+                    f"  last token -> final:     slowest {max(lags):.2f} s, "
+                    f"median {statistics.median(lags):.2f} s (pacing and Slack's answers)"
+                )
             print(
                 f"  429s seen:                {fake.ratelimited.total()} {dict(fake.ratelimited)}"
             )

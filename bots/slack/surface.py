@@ -75,7 +75,13 @@ STREAM_APPEND_PER_SECOND = 100 / 60
 #: Calls a scope may spend at once after a quiet spell. Slack tolerates "occasional bursts" on
 #: every tier; small numbers keep the start of a busy minute from tripping a 429.
 EDIT_BURST = 3
-POST_BURST = 1
+#: chat.postMessage: "1 per second per channel, short bursts above it allowed", and "several
+#: hundred a minute" across the workspace. With a thread's status showing, a burst of short
+#: answers lands as one post each, all at about the same time: two at once in a channel and ten
+#: across the workspace (each scope keeps its sustained rate) let twenty conversations land
+#: within seconds. RATE_LIMITS lowers them (``slack:*:chat.postMessage=300/60/1``).
+POST_CHANNEL_BURST = 2
+POST_WORKSPACE_BURST = 10
 STREAM_BURST = 3
 APPEND_BURST = 5
 
@@ -485,10 +491,12 @@ class SlackReply:
                 RateScope(
                     f"slack:{team}:{self.target.channel}:chat.postMessage",
                     POST_PER_CHANNEL_PER_SECOND * s,
-                    POST_BURST,
+                    POST_CHANNEL_BURST,
                 ),
                 RateScope(
-                    f"slack:{team}:chat.postMessage", POST_PER_WORKSPACE_PER_SECOND * s, POST_BURST
+                    f"slack:{team}:chat.postMessage",
+                    POST_PER_WORKSPACE_PER_SECOND * s,
+                    POST_WORKSPACE_BURST,
                 ),
             )
         if call == "edit":

@@ -82,7 +82,7 @@ class Limit:
 
 #: Slack's limits per method (the bot's ``RateScope`` bursts plus ``NETWORK_SLACK_CALLS``).
 METHOD_LIMITS: dict[str, Limit] = {
-    "chat.postMessage": Limit(POST_MESSAGE_PER_CHANNEL_PER_MINUTE, 1 + NETWORK_SLACK_CALLS, True),
+    "chat.postMessage": Limit(POST_MESSAGE_PER_CHANNEL_PER_MINUTE, 2 + NETWORK_SLACK_CALLS, True),
     "chat.update": Limit(TIER_3_PER_MINUTE, 3 + NETWORK_SLACK_CALLS),
     "chat.startStream": Limit(TIER_2_PER_MINUTE, 3 + NETWORK_SLACK_CALLS),
     "chat.appendStream": Limit(TIER_4_PER_MINUTE, 5 + NETWORK_SLACK_CALLS),
@@ -98,7 +98,7 @@ METHOD_LIMITS: dict[str, Limit] = {
 }
 #: Limits applied across the workspace on top of a per-channel limit of the same method.
 WORKSPACE_LIMITS: dict[str, Limit] = {
-    "chat.postMessage": Limit(POST_MESSAGE_PER_WORKSPACE_PER_MINUTE, 1 + NETWORK_SLACK_CALLS),
+    "chat.postMessage": Limit(POST_MESSAGE_PER_WORKSPACE_PER_MINUTE, 10 + NETWORK_SLACK_CALLS),
 }
 
 
