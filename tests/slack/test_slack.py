@@ -405,14 +405,16 @@ async def test_refused_native_streaming_falls_back_to_post_and_update(
     async with running_bot(sqlite_url, streaming=mode) as h:
         h.fake.native_streaming_error = "not_allowed"
         h.provider.enqueue(["Fallback ", "answer."], ["Second."])
+        # DM threads: where auto streams natively (the asker is the only reader).
         first, second = h.new_ts(), h.new_ts()
-        await h.sender.mention("one", ts=first)
-        await h.settle()
-        await h.sender.mention("two", ts=second)
-        await h.settle()
+        for text, thread in (("one", first), ("two", second)):
+            await h.sender.message(
+                text, channel=DM, channel_type="im", ts=h.new_ts(), thread_ts=thread
+            )
+            await h.settle()
 
-        assert final_text(h, first) == "Fallback answer."
-        assert final_text(h, second) == "Second."
+        assert final_text(h, first, DM) == "Fallback answer."
+        assert final_text(h, second, DM) == "Second."
         assert h.fake.counts["chat.postMessage"] == 2
         # auto remembers the refusal for the workspace; native keeps asking.
         assert h.fake.counts["chat.startStream"] == (1 if mode == "auto" else 2)
