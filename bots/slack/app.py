@@ -107,10 +107,10 @@ COMMAND_ACK_BUDGET_SECONDS = 2.0
 ANSWERED_SUBTYPES = frozenset({"thread_broadcast", "file_share"})
 #: Event types the bot answers; every other event is acked and dropped (but ``LIFECYCLE_EVENTS``).
 HANDLED_EVENTS = frozenset({"app_mention", "message"})
-#: Events about the app's assistant threads and agent sessions, acked at once and handled in the
-#: background: a new assistant thread (Assistant messaging experience) or an opened DM (Agent
-#: messaging experience) gets the suggested prompts; a click on an agent session's stop button
-#: stops the answer streaming in that thread.
+#: Events about the app's assistant threads and agent sessions, acked at once (Slack wants its
+#: 200 within 3 s) and handled in the background: a new assistant thread (Assistant messaging
+#: experience) or an opened DM (Agent messaging experience) gets the suggested prompts; a click
+#: on an agent session's stop button stops the answer streaming in that thread.
 LIFECYCLE_EVENTS = frozenset(
     {"assistant_thread_started", "app_home_opened", "agent_session_stopped"}
 )
@@ -439,12 +439,45 @@ class SlackBot:
             channel, thread_ts = str(thread.get("channel_id") or ""), thread.get("thread_ts")
             if channel and thread_ts:
                 self.door.spawn(self.suggest_prompts(team, channel, str(thread_ts)), name=kind)
+        elif kind == "agent_session_stopped":
+            channel, thread_ts = str(event.get("channel") or ""), str(event.get("thread_ts") or "")
+            if channel and thread_ts:
+                user = str(event.get("user") or "")
+                self.door.spawn(self.stop_session(team, channel, thread_ts, user), name=kind)
         elif kind == "app_home_opened":
             # The Agent messaging experience: the DM's Messages tab opened; prompts go without
             # a thread (a thread_ts would make Slack drop the call for an agent app).
             channel = str(event.get("channel") or "")
             if event.get("tab") == "messages" and channel:
                 self.door.spawn(self.suggest_prompts(team, channel, None), name=kind)
+
+    async def stop_session(self, team: str, channel: str, thread_ts: str, user: str) -> bool:
+        """A click on the stop button of the agent session in ``thread_ts``: the answer streaming
+        in that thread's conversation stops (kept as shown, marked stopped), here or at another
+        worker; whether one was streaming. The session leaves ``processing`` when that answer
+        ends (``SlackReply.end_session``), or at once when nothing was streaming (a session
+        left behind by a restart)."""
+        direct = channel.startswith("D")
+        if self.door.access.refusal(PLATFORM, channel, user, direct) is not None:
+            # Someone the bot does not answer there (BLOCKED_USERS, ALLOWED_USERS, ...).
+            log.info(
+                "stop in %s:%s from %s ignored: outside the access rules", channel, thread_ts, user
+            )
+            return False
+        # A DM is one conversation, whichever of its threads the answer went to.
+        key = ConversationKey(PLATFORM, team, channel, "" if direct else thread_ts)
+        stopped = await self.door.stop(key, user_id=user or None)
+        if not stopped:
+            kwargs = {"channel_id": channel, "thread_ts": thread_ts, "status": "active"}
+            await self.extras.call(
+                team,
+                "agents.sessions.setStatus",
+                self.extras.session_scopes(team),
+                self.client.agents_sessions_setStatus,
+                kwargs,
+                wait=PROMPTS_WAIT_SECONDS,
+            )
+        return stopped
 
     async def suggest_prompts(self, team: str, channel: str, thread_ts: str | None) -> bool:
         """The deployment's suggested prompts (SLACK_SUGGESTED_PROMPTS) in a new assistant thread
