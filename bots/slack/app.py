@@ -572,10 +572,10 @@ class SlackBot:
                 url, headers=headers, timeout=timeout, allow_redirects=False
             ) as response:
                 status = response.status
-                kind = response.content_type
                 if status == 429 or status >= 500 or status == 408:
                     raise TransientSurfaceError(f"Slack file download: HTTP {status}")
-                if 300 <= status < 400 or status in (401, 403) or kind == "text/html":
+                # Redirects are not followed: Slack's is to its sign-in page, never the file.
+                if 300 <= status < 400 or status in (401, 403):
                     raise PermanentSurfaceError(
                         f"Slack file download refused (HTTP {status}): the app needs the "
                         "files:read scope, and the file must be shared where the bot is",

@@ -165,3 +165,14 @@ async def test_a_channel_chooses_its_streaming(sqlite_url: str) -> None:
         assert answer.status == 200 and "native" in answer.json["text"]
         _, in_channel = await answer_in_dm_thread_and_channel_thread(h)
         assert "chat.startStream" in in_channel
+
+
+async def test_a_message_at_the_top_of_a_dm_is_answered_without_a_stream(sqlite_url: str) -> None:
+    async with running_bot(sqlite_url, streaming="native", provider_delay=0.02) as h:
+        h.provider.enqueue(["An ", "answer ", "at ", "the ", "top."])
+        await h.sender.message("hello", channel=DM, channel_type="im", ts=h.new_ts())
+        await h.settle()
+        # Slack streams only as a reply in a thread: posted (and edited) at the top instead.
+        [reply] = h.fake.bot_messages(DM)
+        assert reply.thread_ts is None and reply.visible() == "An answer at the top."
+        assert h.fake.calls_to("chat.startStream") == []
