@@ -23,6 +23,19 @@ DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///threadbot.db"
 HISTORY_STRATEGIES = ("count", "tokens", "summary")
 PROVIDERS = ("openai", "anthropic", "offline")
 SLACK_STREAMING_MODES = ("auto", "native", "update")
+#: assistant.threads.setStatus rotates through at most 10 loading messages.
+SLACK_MAX_LOADING_MESSAGES = 10
+#: assistant.threads.setSuggestedPrompts takes at most 4 prompts.
+SLACK_MAX_SUGGESTED_PROMPTS = 4
+#: The loading messages shown while an answer is on its way, when SLACK_LOADING_MESSAGES is unset.
+DEFAULT_SLACK_LOADING_MESSAGES = (
+    "Reading your message…",
+    "Thinking it over…",
+    "Gathering the details…",
+    "Putting an answer together…",
+)
+#: SLACK_LOADING_MESSAGES and SLACK_SUGGESTED_PROMPTS separate their items with this.
+SLACK_LIST_SEPARATOR = "|"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 #: The smallest MODEL_CONTEXT_TOKENS accepted: below it no question and answer fit at all.
@@ -80,6 +93,10 @@ class Settings:
     slack_api_url: str = "https://slack.com/api/"
     slack_command: str = "/chatbot"
     slack_streaming: str = "auto"
+    # Slack's status while an answer is on its way (assistant.threads.setStatus), the loading
+    # messages it rotates through, and the prompts a new assistant thread suggests.
+    slack_loading_messages: tuple[str, ...] = DEFAULT_SLACK_LOADING_MESSAGES
+    slack_suggested_prompts: tuple[tuple[str, str], ...] = ()
     port: int = 3000
     discord_bot_token: str | None = None
     discord_api_url: str | None = None
@@ -237,6 +254,8 @@ class Settings:
             slack_api_url=get("SLACK_API_URL") or "https://slack.com/api/",
             slack_command=get("SLACK_COMMAND") or "/chatbot",
             slack_streaming=get_choice("SLACK_STREAMING", "auto", SLACK_STREAMING_MODES),
+            slack_loading_messages=parse_slack_loading_messages(get("SLACK_LOADING_MESSAGES")),
+            slack_suggested_prompts=parse_slack_suggested_prompts(get("SLACK_SUGGESTED_PROMPTS")),
             port=get_int("PORT", 3000, minimum=1),
             discord_bot_token=get("DISCORD_BOT_TOKEN"),
             discord_api_url=get("DISCORD_API_URL"),
@@ -286,6 +305,56 @@ def _check_model_keys(
         raise ConfigError(
             f"MODELS lists {choice.qualified}, but {missing} is not set", setting="MODELS"
         )
+
+
+# -- Slack's status and suggested prompts -------------------------------------------------------
+
+
+def parse_slack_loading_messages(raw: str | None) -> tuple[str, ...]:
+    """``SLACK_LOADING_MESSAGES``: up to 10 messages separated by ``|`` (unset: a default list;
+    ``none``: no loading messages, only "is thinking…")."""
+    if raw is None:
+        return DEFAULT_SLACK_LOADING_MESSAGES
+    if raw.strip().lower() == "none":
+        return ()
+    messages = tuple(part.strip() for part in raw.split(SLACK_LIST_SEPARATOR) if part.strip())
+    if len(messages) > SLACK_MAX_LOADING_MESSAGES:
+        raise ConfigError(
+            f"SLACK_LOADING_MESSAGES holds at most {SLACK_MAX_LOADING_MESSAGES} messages "
+            f"separated by |, not {len(messages)}",
+            setting="SLACK_LOADING_MESSAGES",
+        )
+    return messages
+
+
+def parse_slack_suggested_prompts(raw: str | None) -> tuple[tuple[str, str], ...]:
+    """``SLACK_SUGGESTED_PROMPTS``: up to 4 prompts separated by ``|``, each ``title=message``
+    (the title is what the button shows, the message what it sends; without ``=`` the message
+    is its own title). Unset: no suggested prompts."""
+    if raw is None:
+        return ()
+    prompts: list[tuple[str, str]] = []
+    for item in (part.strip() for part in raw.split(SLACK_LIST_SEPARATOR)):
+        if not item:
+            continue
+        title, sep, message = item.partition("=")
+        title, message = title.strip(), message.strip()
+        if not sep:
+            title = message = item
+        if not title or not message:
+            raise ConfigError(
+                f"SLACK_SUGGESTED_PROMPTS entry {item!r} is not title=message, e.g. "
+                "Summarize=Summarize this thread for me",
+                setting="SLACK_SUGGESTED_PROMPTS",
+            )
+        prompts.append((title, message))
+    if len(prompts) > SLACK_MAX_SUGGESTED_PROMPTS:
+        raise ConfigError(
+            f"SLACK_SUGGESTED_PROMPTS holds at most {SLACK_MAX_SUGGESTED_PROMPTS} prompts "
+            f"separated by |, not {len(prompts)}",
+            setting="SLACK_SUGGESTED_PROMPTS",
+        )
+    return tuple(prompts)
 
 
 def parse_log_level(raw: str | None) -> str | None:

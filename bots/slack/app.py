@@ -33,7 +33,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiohttp
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.app.async_app import AsyncApp
@@ -57,12 +59,15 @@ from bots.slack.formatting import (
 )
 from bots.slack.surface import (
     NATIVE_STREAMS,
+    STATUS_REFRESH_SECONDS,
     ReplyTarget,
+    SlackExtras,
     SlackReply,
     message_id,
     translate,
     translated_errors,
 )
+from core.attachments import MAX_ATTACHMENT_BYTES, Attachment
 from core.bot import (
     SHUTDOWN_NOTE,
     Budgets,
@@ -70,6 +75,7 @@ from core.bot import (
     FrontDoor,
     NativeMode,
     PlatformProfile,
+    RateScope,
     Route,
     ThreadLine,
 )
@@ -77,7 +83,13 @@ from core.commands import ChannelTarget, Command, HelpStyle, parse_command
 from core.config import Settings
 from core.conversation import ConversationKey
 from core.engine import ChatEngine
-from core.errors import ConfigError, PermanentSurfaceError, StoreUnavailableError, SurfaceError
+from core.errors import (
+    ConfigError,
+    PermanentSurfaceError,
+    StoreUnavailableError,
+    SurfaceError,
+    TransientSurfaceError,
+)
 from core.feedback import BAD, GOOD, Click, parse_feedback_id
 
 log = logging.getLogger(__name__)
@@ -93,8 +105,19 @@ COMMAND_ACK_BUDGET_SECONDS = 2.0
 #: Message subtypes that carry a person's words; every other subtype (message_changed,
 #: message_deleted, channel_join, bot_message, ...) is dropped.
 ANSWERED_SUBTYPES = frozenset({"thread_broadcast", "file_share"})
-#: Event types the bot answers; every other event is acked and dropped.
+#: Event types the bot answers; every other event is acked and dropped (but ``LIFECYCLE_EVENTS``).
 HANDLED_EVENTS = frozenset({"app_mention", "message"})
+#: Events about the app's assistant threads and agent sessions, acked at once (Slack wants its
+#: 200 within 3 s) and handled in the background: a new assistant thread (Assistant messaging
+#: experience) or an opened DM (Agent messaging experience) gets the suggested prompts; a click
+#: on an agent session's stop button stops the answer streaming in that thread.
+LIFECYCLE_EVENTS = frozenset(
+    {"assistant_thread_started", "app_home_opened", "agent_session_stopped"}
+)
+#: Seconds the suggested prompts call may wait for its budget; it is Tier 4: 100+ per minute.
+PROMPTS_WAIT_SECONDS = 2.0
+SUGGESTED_PROMPTS_PER_SECOND = 100 / 60
+SUGGESTED_PROMPTS_BURST = 5
 #: Message ids remembered per process to drop second deliveries before any database work.
 RECENT_MESSAGE_IDS = 10_000
 #: Thread messages read to seed a conversation (conversations.replies allows up to 1,000 a page;
@@ -118,6 +141,16 @@ ADMIN_FLAGS = ("is_admin", "is_owner", "is_primary_owner")
 #: Seconds a user's admin standing is remembered (users.info is Tier 4; a demoted admin keeps
 #: the rights this long).
 ADMIN_CACHE_SECONDS = 300.0
+#: Where Slack serves files (``url_private_download``); the bot token is sent nowhere else (but
+#: to SLACK_API_URL's host, where a proxy or a test double stands in for Slack).
+SLACK_FILE_HOSTS = frozenset({"files.slack.com"})
+#: Seconds a file download may take in all, and to connect.
+FILE_DOWNLOAD_SECONDS = 30.0
+FILE_CONNECT_SECONDS = 10.0
+#: The most bytes one download reads, whatever Slack said the file's size is.
+FILE_MAX_BYTES = 20 * 1024 * 1024
+#: Read size of a download's body.
+FILE_CHUNK_BYTES = 64 * 1024
 
 
 #: What a thumbs-up, a click that does not count, or one we failed to store answer (ephemeral).
@@ -129,12 +162,14 @@ FEEDBACK_FAILED = "Sorry, your feedback couldn't be saved. Please try again in a
 def profile(
     settings: Settings, *, command_deadline: float = COMMAND_ACK_BUDGET_SECONDS
 ) -> PlatformProfile:
-    """Slack as the front door sees it: typed commands after SLACK_COMMAND, no typing indicator,
+    """Slack as the front door sees it: typed commands after SLACK_COMMAND, the thread's status
+    (``assistant.threads.setStatus``) as the typing indicator, renewed before Slack drops it,
     native streams (``chat.startStream``) used as SLACK_STREAMING says."""
     return PlatformProfile(
         name=PLATFORM,
-        help=HelpStyle(prefix=settings.slack_command + " "),
+        help=HelpStyle(prefix=settings.slack_command + " ", native_streams=True),
         command_deadline=command_deadline,
+        typing_refresh=STATUS_REFRESH_SECONDS,
         native=NATIVE_STREAMS,
         native_mode=NATIVE_MODES[settings.slack_streaming],
         channel_rights=CHANNEL_RIGHTS_NEEDED,
@@ -208,6 +243,11 @@ class SlackBot:
             reopen=self.reopen,
         )
         self.rate_scale = rate_scale
+        self.extras = SlackExtras(
+            self.door.budgets,
+            loading_messages=settings.slack_loading_messages,
+            rate_scale=rate_scale,
+        )
         self.bot_user_id = ""
         self.team_id = ""
         self.ready = False
@@ -302,10 +342,13 @@ class SlackBot:
         """Stop taking work; end every reply in progress with ``note`` and wait for them."""
         self.ready = False
         await self.door.close(note)
+        await self.extras.close()
 
     async def drain(self) -> None:
-        """Wait until every event accepted so far has been answered (tests, benchmarks)."""
+        """Wait until every event accepted so far has been answered (tests, benchmarks), and
+        its agent-session calls made."""
         await self.door.drain()
+        await self.extras.drain()
 
     def web_app(self, *, events: bool = True) -> web.Application:
         """The HTTP endpoints: ``POST /slack/events`` (Bolt, unless ``events`` is false: Socket
@@ -350,6 +393,9 @@ class SlackBot:
             # Shutting down: Slack delivers the event again, to a worker that will answer it.
             return BoltResponse(status=503, body="")
         event = body.get("event") or {}
+        if event.get("type") in LIFECYCLE_EVENTS:
+            self._lifecycle(body, event)
+            return BoltResponse(status=200, body="")
         if event.get("type") not in HANDLED_EVENTS or _is_noise(event, self.bot_user_id):
             return BoltResponse(status=200, body="")
         id_ = message_id(str(event.get("channel", "")), str(event.get("ts", "")))
@@ -371,8 +417,96 @@ class SlackBot:
             log.warning("%s not taken (%s): answering 503 so Slack delivers it again", id_, reason)
             return BoltResponse(status=503, body="")
         if admission is not None:
-            self.door.start(admission)
+            arrival = admission.arrival
+            turn = self.door.start(admission)
+            if isinstance(arrival, SlackArrival):
+                # Whatever happened to the turn, the thread's agent session is active again.
+                turn.add_done_callback(lambda _: arrival.turn_ended())
         return BoltResponse(status=200, body="")
+
+    def _lifecycle(self, body: dict[str, Any], event: dict[str, Any]) -> None:
+        """An assistant-thread or agent-session event: acknowledged at once (the caller answers
+        200), delivered once (Slack's retries carry the same event id), handled in a task."""
+        event_id = str(body.get("event_id") or "")
+        if event_id:
+            if f"event:{event_id}" in self._recent:
+                return
+            self._remember(f"event:{event_id}")
+        team = str(body.get("team_id") or self.team_id)
+        kind = event.get("type")
+        if kind == "assistant_thread_started":
+            thread = event.get("assistant_thread") or {}
+            channel, thread_ts = str(thread.get("channel_id") or ""), thread.get("thread_ts")
+            if channel and thread_ts:
+                self.door.spawn(self.suggest_prompts(team, channel, str(thread_ts)), name=kind)
+        elif kind == "agent_session_stopped":
+            channel, thread_ts = str(event.get("channel") or ""), str(event.get("thread_ts") or "")
+            if channel and thread_ts:
+                user = str(event.get("user") or "")
+                self.door.spawn(self.stop_session(team, channel, thread_ts, user), name=kind)
+        elif kind == "app_home_opened":
+            # The Agent messaging experience: the DM's Messages tab opened; prompts go without
+            # a thread (a thread_ts would make Slack drop the call for an agent app).
+            channel = str(event.get("channel") or "")
+            if event.get("tab") == "messages" and channel:
+                self.door.spawn(self.suggest_prompts(team, channel, None), name=kind)
+
+    async def stop_session(self, team: str, channel: str, thread_ts: str, user: str) -> bool:
+        """A click on the stop button of the agent session in ``thread_ts``: the answer streaming
+        in that thread's conversation stops (kept as shown, marked stopped), here or at another
+        worker; whether one was streaming. The session leaves ``processing`` when that answer
+        ends (``SlackReply.end_session``), or at once when nothing was streaming (a session
+        left behind by a restart)."""
+        direct = channel.startswith("D")
+        if self.door.access.refusal(PLATFORM, channel, user, direct) is not None:
+            # Someone the bot does not answer there (BLOCKED_USERS, ALLOWED_USERS, ...).
+            log.info(
+                "stop in %s:%s from %s ignored: outside the access rules", channel, thread_ts, user
+            )
+            return False
+        # A DM is one conversation, whichever of its threads the answer went to.
+        key = ConversationKey(PLATFORM, team, channel, "" if direct else thread_ts)
+        stopped = await self.door.stop(key, user_id=user or None)
+        if not stopped:
+            kwargs = {"channel_id": channel, "thread_ts": thread_ts, "status": "active"}
+            await self.extras.call(
+                team,
+                "agents.sessions.setStatus",
+                self.extras.session_scopes(team),
+                self.client.agents_sessions_setStatus,
+                kwargs,
+                wait=PROMPTS_WAIT_SECONDS,
+            )
+        return stopped
+
+    async def suggest_prompts(self, team: str, channel: str, thread_ts: str | None) -> bool:
+        """The deployment's suggested prompts (SLACK_SUGGESTED_PROMPTS) in a new assistant thread
+        or an opened agent DM (``assistant.threads.setSuggestedPrompts``); whether Slack took
+        them. Nothing is called when none are set."""
+        prompts = self.settings.slack_suggested_prompts
+        if not prompts:
+            return False
+        kwargs: dict[str, Any] = {
+            "channel_id": channel,
+            "prompts": [{"title": title, "message": message} for title, message in prompts],
+        }
+        if thread_ts:
+            kwargs["thread_ts"] = thread_ts
+        scopes = (
+            RateScope(
+                f"slack:{team}:assistant.threads.setSuggestedPrompts",
+                SUGGESTED_PROMPTS_PER_SECOND * self.rate_scale,
+                SUGGESTED_PROMPTS_BURST,
+            ),
+        )
+        return await self.extras.call(
+            team,
+            "assistant.threads.setSuggestedPrompts",
+            scopes,
+            self.client.assistant_threads_setSuggestedPrompts,
+            kwargs,
+            wait=PROMPTS_WAIT_SECONDS,
+        )
 
     def _is_candidate(self, event: dict[str, Any]) -> bool:
         """Cheap checks that need no database: DMs, mentions and thread replies go on."""
@@ -411,9 +545,86 @@ class SlackBot:
                 lines.append(ThreadLine(_speaker(message), plain))
         return lines
 
+    async def download_file(self, url: str, *, max_bytes: int = FILE_MAX_BYTES) -> bytes:
+        """A file's bytes from its ``url_private_download``, with the bot token (``files:read``).
+
+        Raises ``PermanentSurfaceError`` when the URL is not Slack's, when Slack sends the
+        request to sign in instead (a redirect: the app lacks ``files:read`` or the file is not
+        shared with it) or the file holds more than ``max_bytes``; ``TransientSurfaceError``
+        for timeouts, dropped connections, 429s and 5xx. The caller (core) turns any failure
+        into a one-line note after the answer.
+        """
+        host = (urlsplit(url).hostname or "").lower()
+        api_host = (urlsplit(self.settings.slack_api_url).hostname or "").lower()
+        if url.split(":", 1)[0].lower() not in ("https", "http") or host not in (
+            SLACK_FILE_HOSTS | {api_host}
+        ):
+            raise PermanentSurfaceError(f"not a Slack file URL: {url!r}", code="not_slack_file")
+        headers = {"Authorization": f"Bearer {self.client.token}"}
+        timeout = aiohttp.ClientTimeout(total=FILE_DOWNLOAD_SECONDS, connect=FILE_CONNECT_SECONDS)
+        session = self.client.session
+        own = session is None or session.closed
+        if own:
+            session = aiohttp.ClientSession()
+        assert session is not None
+        try:
+            async with session.get(
+                url, headers=headers, timeout=timeout, allow_redirects=False
+            ) as response:
+                status = response.status
+                if status == 429 or status >= 500 or status == 408:
+                    raise TransientSurfaceError(f"Slack file download: HTTP {status}")
+                # Redirects are not followed: Slack's is to its sign-in page, never the file.
+                if 300 <= status < 400 or status in (401, 403):
+                    raise PermanentSurfaceError(
+                        f"Slack file download refused (HTTP {status}): the app needs the "
+                        "files:read scope, and the file must be shared where the bot is",
+                        code="file_access_denied",
+                    )
+                if status != 200:
+                    raise PermanentSurfaceError(
+                        f"Slack file download: HTTP {status}", code=f"http_{status}"
+                    )
+                data = bytearray()
+                async for chunk in response.content.iter_chunked(FILE_CHUNK_BYTES):
+                    data += chunk
+                    if len(data) > max_bytes:
+                        raise PermanentSurfaceError(
+                            f"Slack file larger than {max_bytes} bytes", code="file_too_large"
+                        )
+                return bytes(data)
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise TransientSurfaceError(
+                f"Slack file download: {type(error).__name__}: {error}"
+            ) from error
+        finally:
+            if own:
+                await session.close()
+
+    def attachments(self, event: dict[str, Any]) -> tuple[Attachment, ...]:
+        """The files of a message event as the core takes them, each downloaded only when the
+        core asks (``fetch``), bounded by the largest file the core may want."""
+        bound = max(self.settings.max_image_bytes, MAX_ATTACHMENT_BYTES)
+        found: list[Attachment] = []
+        for file in event.get("files") or ():
+            if not isinstance(file, dict):
+                continue
+            url = file.get("url_private_download") or file.get("url_private")
+            if not url or file.get("mode") == "tombstone":
+                continue  # Deleted, or beyond what the workspace's plan lets the app see.
+            found.append(
+                Attachment(
+                    name=str(file.get("name") or file.get("title") or file.get("id") or "file"),
+                    media_type=str(file.get("mimetype") or ""),
+                    size=int(file.get("size") or 0),
+                    fetch=functools.partial(self.download_file, str(url), max_bytes=bound),
+                )
+            )
+        return tuple(found)
+
     def reply_surface(self, target: ReplyTarget) -> SlackReply:
         """The surface one answer at ``target`` is streamed into."""
-        return SlackReply(self.client, target, rate_scale=self.rate_scale)
+        return SlackReply(self.client, target, rate_scale=self.rate_scale, extras=self.extras)
 
     async def reopen(self, place: str) -> SlackReply | None:
         """The surface of a reply a worker that died left unfinished (``SlackReply.place``)."""
@@ -572,6 +783,10 @@ class SlackArrival:
         direct = event.get("channel_type") == "im"
         mentioned = event.get("type") == "app_mention" or mentions(raw, bot.bot_user_id)
         self.facts = Facts(direct=direct, mentioned=mentioned, in_thread=thread_ts is not None)
+        # A DM (assistant threads included) is read by the asker alone: native streams there.
+        self.private = direct
+        self.surface: SlackReply | None = None
+        self.attachments = bot.attachments(event)
         user_team = str(event.get("user_team") or event.get("team") or team)
         if direct:
             # The DM is one conversation; answer where the person wrote (top level or thread).
@@ -594,7 +809,13 @@ class SlackArrival:
         return await self.bot.thread_lines(self.target.channel, self.key.thread, before=before)
 
     async def reply(self, route: Route) -> SlackReply:
-        return self.bot.reply_surface(self.target)
+        self.surface = self.bot.reply_surface(self.target)
+        return self.surface
+
+    def turn_ended(self) -> None:
+        """The turn's task ended: the thread's agent session goes back to ``active``."""
+        if self.surface is not None:
+            self.surface.end_session()
 
     async def may_change_channel(self) -> bool:
         return await self.bot.may_change_channel(self.user_id)

@@ -8,7 +8,15 @@
 - the native path: ``chat.startStream`` / ``appendStream`` / ``stopStream`` with
   ``markdown_text``; the streamer falls back to the edit path when Slack answers that streaming
   is not allowed (``NATIVE_STREAMS``: Slack's codes and limits, for the front door's profile),
-  and the front door decides per reply whether to stream natively at all.
+  and the front door decides per reply whether to stream natively at all;
+- the status while the answer is on its way (``show_typing``): ``assistant.threads.setStatus``
+  ("is thinking…" and the rotating loading messages) in the reply's thread, in DMs, assistant
+  threads and channel threads alike (Slack's changelog of 2026-03-05: ``chat:write`` is enough);
+  never waiting for its budget, never raising: a refusal is just no status;
+- the agent session of the reply's thread (``AgentSessions``): ``processing`` while the answer
+  is on its way, so Slack shows its stop button, ``active`` when it has landed
+  (``controls``, the streamer's ``LiveControls``, and ``end_session`` at the end of the turn);
+  best effort, in the background, bounded.
 
 Every call names the rate-limit scopes it consumes, keyed as Slack limits them: per method per
 workspace (``slack:T123:chat.update``), and for ``chat.postMessage`` also per channel. slack_sdk
@@ -21,10 +29,11 @@ as ``code``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +49,7 @@ from bots.slack.formatting import (
     markdown_blocks,
     neutralise_mentions,
 )
-from core.bot import NativeStreams, RateScope
+from core.bot import Budgets, NativeStreams, RateScope
 from core.errors import (
     PermanentSurfaceError,
     SurfaceError,
@@ -66,9 +75,54 @@ STREAM_APPEND_PER_SECOND = 100 / 60
 #: Calls a scope may spend at once after a quiet spell. Slack tolerates "occasional bursts" on
 #: every tier; small numbers keep the start of a busy minute from tripping a 429.
 EDIT_BURST = 3
-POST_BURST = 1
+#: chat.postMessage: "1 per second per channel, short bursts above it allowed", and "several
+#: hundred a minute" across the workspace. With a thread's status showing, a burst of short
+#: answers lands as one post each, all at about the same time: two at once in a channel and ten
+#: across the workspace (each scope keeps its sustained rate) let twenty conversations land
+#: within seconds. RATE_LIMITS lowers them (``slack:*:chat.postMessage=300/60/1``).
+POST_CHANNEL_BURST = 2
+POST_WORKSPACE_BURST = 10
 STREAM_BURST = 3
 APPEND_BURST = 5
+
+#: assistant.threads.setStatus: "Special rate limits apply" and Slack does not publish them; we
+#: assume 600 a minute per workspace with a burst of 20 (a burst of conversations each shows
+#: its status at once). RATE_LIMITS overrides it (``slack:*:assistant.threads.setStatus``).
+STATUS_PER_SECOND = 600 / 60
+STATUS_BURST = 20
+#: agents.sessions.setStatus is Tier 3: 50+ per minute.
+SESSION_PER_SECOND = 50 / 60
+SESSION_BURST = 3
+#: What the status says while the answer is on its way (Slack shows "<app name> is thinking…").
+STATUS_TEXT = "is thinking\u2026"
+#: Slack rotates through at most 10 loading messages.
+MAX_LOADING_MESSAGES = 10
+#: A status lasts until the app posts in the thread, or two minutes: renewed before that while
+#: the model is still silent (the streamer's typing refresh).
+STATUS_REFRESH_SECONDS = 100.0
+#: Seconds one status or agent-session call may take before it counts as failed.
+STATUS_CALL_TIMEOUT = 3.0
+#: Seconds a reply's ``processing`` session call may wait for its budget (a burst of replies
+#: shares Tier 3); a reply that has ended by then never opens its session.
+SESSION_START_WAIT = 5.0
+#: Seconds the closing ``active`` call may wait for its budget.
+SESSION_END_WAIT = 30.0
+#: Error strings meaning the app or workspace cannot use a method at all (scope, app type): the
+#: process stops calling it in that workspace.
+REFUSED_FOR_GOOD = frozenset(
+    {
+        "missing_scope",
+        "not_allowed",
+        "not_allowed_token_type",
+        "method_not_supported",
+        "unknown_method",
+        "feature_not_enabled",
+        "invalid_auth",
+        "not_authed",
+        "no_permission",
+        "access_denied",
+    }
+)
 
 #: Slack error strings that mean "try again later" rather than "this cannot work".
 TRANSIENT_ERRORS = frozenset(
@@ -232,6 +286,175 @@ def _retry_after(headers: Any) -> float:
     return wait if wait >= 0 else DEFAULT_RETRY_AFTER
 
 
+class SlackExtras:
+    """What every reply of one bot shares beyond the Web API client: the budgets its status and
+    agent-session calls take from, the loading messages, the workspaces that refused a method
+    for good, and the background tasks of agent-session calls (``close`` cancels them)."""
+
+    def __init__(
+        self,
+        budgets: Budgets | None = None,
+        *,
+        loading_messages: Sequence[str] = (),
+        rate_scale: float = 1.0,
+    ) -> None:
+        self.budgets = budgets
+        self.loading_messages = list(loading_messages)[:MAX_LOADING_MESSAGES]
+        self.rate_scale = rate_scale
+        #: (workspace, method) pairs Slack refused for good (``REFUSED_FOR_GOOD``).
+        self.refused: set[tuple[str, str]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def status_scopes(self, team: str) -> tuple[RateScope, ...]:
+        return (
+            RateScope(
+                f"slack:{team}:assistant.threads.setStatus",
+                STATUS_PER_SECOND * self.rate_scale,
+                STATUS_BURST,
+            ),
+        )
+
+    def session_scopes(self, team: str) -> tuple[RateScope, ...]:
+        return (
+            RateScope(
+                f"slack:{team}:agents.sessions.setStatus",
+                SESSION_PER_SECOND * self.rate_scale,
+                SESSION_BURST,
+            ),
+        )
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def drain(self) -> None:
+        """Wait for the agent-session calls in flight (tests, benchmarks)."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+    async def call(
+        self,
+        team: str,
+        method: str,
+        scopes: tuple[RateScope, ...],
+        function: Callable[..., Awaitable[AsyncSlackResponse]],
+        kwargs: dict[str, Any],
+        *,
+        wait: float | None,
+        started: Callable[[], None] | None = None,
+    ) -> bool:
+        """One best-effort call: whether Slack accepted it. Never raises (but cancellation).
+
+        ``wait`` None: only when the scopes' budgets can grant it now; else wait at most that
+        long for them. A method Slack refused for good in this workspace is not called again.
+        """
+        if (team, method) in self.refused:
+            return False
+        try:
+            async with asyncio.timeout(STATUS_CALL_TIMEOUT + (wait or 0.0)):
+                if self.budgets is not None:
+                    if wait is None and not await self.budgets.idle(scopes):
+                        return False
+                    await self.budgets.acquire(scopes)
+                if started is not None:
+                    started()
+                async with asyncio.timeout(STATUS_CALL_TIMEOUT):
+                    with translated_errors(method, scopes[0].key):
+                        await function(**kwargs)
+        except SurfaceRateLimited as error:
+            if self.budgets is not None:
+                self.budgets.pause(error.scope or scopes[0].key, error.retry_after)
+            log.info("%s not shown: %s", method, error)
+            return False
+        except PermanentSurfaceError as error:
+            if error.code in REFUSED_FOR_GOOD:
+                self.refused.add((team, method))
+                log.warning(
+                    "Slack refused %s in workspace %s (%s): not calling it again; see the "
+                    "README's Slack set-up for the scopes and features it needs",
+                    method, team, error.code,
+                )  # fmt: skip
+            else:
+                log.info("%s refused: %s", method, error)
+            return False
+        except (SurfaceError, TimeoutError) as error:
+            log.info("%s failed: %s", method, error or "timed out")
+            return False
+        return True
+
+
+class AgentSession:
+    """The agent session of one reply's thread: ``processing`` while the answer is on its way
+    (Slack shows a stop button), ``active`` once it landed. Calls go in order in the background;
+    the closing ``active`` is sent only if ``processing`` was."""
+
+    def __init__(self, client: AsyncWebClient, target: ReplyTarget, extras: SlackExtras) -> None:
+        self.client = client
+        self.target = target
+        self.extras = extras
+        self._wanted: str | None = None
+        self._sent: str | None = None
+        # True from the moment a call leaves (it may reach Slack even if cancelled then).
+        self._calling = False
+        self._worker: asyncio.Task[None] | None = None
+
+    def want(self, status: str) -> None:
+        """Ask for ``status`` (``processing`` or ``active``); the latest wish wins."""
+        if not self.target.thread_ts or self._wanted == status:
+            return
+        if status == "active" and self._sent is None and not self._calling:
+            # Still waiting for its budget: the reply ended before its session opened, so it
+            # never does.
+            if self._worker is not None:
+                self._worker.cancel()
+                self._worker = None
+            self._wanted = status
+            return
+        self._wanted = status
+        if self._worker is None or self._worker.done():
+            self._worker = self.extras.spawn(self._apply(), name="slack agent session")
+
+    async def _apply(self) -> None:
+        while self._wanted is not None and self._wanted != self._sent:
+            status = self._wanted
+            if status == "active" and self._sent is None:
+                return
+            kwargs = {
+                "channel_id": self.target.channel,
+                "thread_ts": self.target.thread_ts,
+                "status": status,
+            }
+            if status == "processing" and self.target.user:
+                kwargs["initiator_user_id"] = self.target.user
+            wait = SESSION_START_WAIT if status == "processing" else SESSION_END_WAIT
+            try:
+                ok = await self.extras.call(
+                    self.target.team,
+                    "agents.sessions.setStatus",
+                    self.extras.session_scopes(self.target.team),
+                    self.client.agents_sessions_setStatus,
+                    kwargs,
+                    wait=wait,
+                    started=self._started,
+                )
+            finally:
+                self._calling = False
+            if not ok:
+                return
+            self._sent = status
+
+    def _started(self) -> None:
+        self._calling = True
+
+
 class SlackReply:
     """``AppendReplySurface`` for one answer in one Slack thread or DM (see the module docstring)."""
 
@@ -244,10 +467,13 @@ class SlackReply:
         target: ReplyTarget,
         *,
         rate_scale: float = 1.0,
+        extras: SlackExtras | None = None,
     ) -> None:
         self.client = client
         self.target = target
         self.place = target.place
+        self.extras = extras or SlackExtras(rate_scale=rate_scale)
+        self.session = AgentSession(client, target, self.extras)
         # Native-stream admission counts per workspace; Slack streams only as a reply to a
         # message, so a top-level DM answer cannot stream.
         self.native_scope = target.team if target.thread_ts else ""
@@ -265,10 +491,12 @@ class SlackReply:
                 RateScope(
                     f"slack:{team}:{self.target.channel}:chat.postMessage",
                     POST_PER_CHANNEL_PER_SECOND * s,
-                    POST_BURST,
+                    POST_CHANNEL_BURST,
                 ),
                 RateScope(
-                    f"slack:{team}:chat.postMessage", POST_PER_WORKSPACE_PER_SECOND * s, POST_BURST
+                    f"slack:{team}:chat.postMessage",
+                    POST_PER_WORKSPACE_PER_SECOND * s,
+                    POST_WORKSPACE_BURST,
                 ),
             )
         if call == "edit":
@@ -284,6 +512,8 @@ class SlackReply:
                     f"slack:{team}:chat.appendStream", STREAM_APPEND_PER_SECOND * s, APPEND_BURST
                 ),
             )
+        if call == "status":
+            return self.extras.status_scopes(team)
         raise ValueError(f"unknown Slack surface call {call!r}")
 
     async def post(self, text: str) -> str:
@@ -333,9 +563,40 @@ class SlackReply:
         await self._call("edit", "chat.update", self.client.chat_update, kwargs)
 
     async def show_typing(self) -> bool:
-        """Nothing to show: Slack has no typing indicator for bots outside assistant threads, so
-        the streamer's "Thinking…" message is the sign of life."""
-        return False
+        """The thread's status, "is thinking…" with the loading messages rotating
+        (``assistant.threads.setStatus``); True when Slack accepted it. Never waits for its budget
+        and never raises: without a status the streamer posts its "Thinking…" message instead.
+        A reply at the top of a DM has no thread to show a status in. The agent session of the
+        thread is set ``processing`` alongside (in the background)."""
+        thread_ts = self.target.thread_ts
+        if not thread_ts:
+            return False
+        kwargs: dict[str, Any] = {
+            "channel_id": self.target.channel,
+            "thread_ts": thread_ts,
+            "status": STATUS_TEXT,
+        }
+        if self.extras.loading_messages:
+            kwargs["loading_messages"] = self.extras.loading_messages
+        shown = await self.extras.call(
+            self.target.team,
+            "assistant.threads.setStatus",
+            self.extras.status_scopes(self.target.team),
+            self.client.assistant_threads_setStatus,
+            kwargs,
+            wait=None,
+        )
+        self.session.want("processing")
+        return shown
+
+    def controls(self, live: bool) -> None:
+        """``core.streaming.LiveControls``: the agent session is ``processing`` (Slack's stop
+        button) while a message of the answer is still streaming, ``active`` once it lands."""
+        self.session.want("processing" if live else "active")
+
+    def end_session(self) -> None:
+        """The turn ended (whatever happened): the thread's agent session is ``active`` again."""
+        self.session.want("active")
 
     async def _call(
         self,

@@ -99,6 +99,14 @@ async def test_two_live_workers_finish_a_dead_workers_reply_exactly_once(
         ts = fake.next_ts()
         await signed_sender(doomed, fake, session).mention(question, channel=channel, ts=ts)
         await until(lambda: fake.thread_text(channel, ts).startswith("*(offline"), within=30)
+        # With the thread's status showing, the first post is the answer's first text; the crash
+        # comes once the turn has recorded it (a crash before that leaves nothing to resume).
+        key = ConversationKey("slack", fake.team.team_id, channel, ts)
+        [turn] = await turns_of(a.engine.store, key)
+        for _ in range(300):
+            if (await a.engine.store.get_turn(turn.id)).reply_message_ids:
+                break
+            await asyncio.sleep(0.01)
         doomed.process.send_signal(signal.SIGKILL)  # a crash: no note, no cleanup, no release
         await asyncio.to_thread(doomed.process.wait, 10)
         [reply] = fake.bot_messages(channel, ts)
@@ -106,8 +114,6 @@ async def test_two_live_workers_finish_a_dead_workers_reply_exactly_once(
         assert reply.visible().endswith(STREAMING_INDICATOR), reply.visible()
 
         crashed_at = time.monotonic()
-        key = ConversationKey("slack", fake.team.team_id, channel, ts)
-        [turn] = await turns_of(a.engine.store, key)
         # Besides both background loops, both workers race for the turn as its lease expires.
         while (await a.engine.store.get_turn(turn.id)).takeovers == 0:
             await asyncio.gather(a.bot.door.recover(), b.bot.door.recover())

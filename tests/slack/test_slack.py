@@ -59,11 +59,14 @@ async def test_mention_streams_the_answer_into_the_thread_under_it(sqlite_url: s
         [reply] = h.fake.bot_messages(CHANNEL)
         assert reply.thread_ts == ts
         assert reply.visible() == "".join(answer)
-        # It streamed: a thinking placeholder, then growing text with the indicator, then the
-        # exact final text without it.
-        assert reply.states[0] == THINKING_TEXT
-        assert any(s.endswith(STREAMING_INDICATOR) for s in reply.states[1:-1])
-        assert len(reply.states) >= 3
+        # It streamed: the thread's status while waiting (no placeholder message), then growing
+        # text with the indicator, then the exact final text without it.
+        [status] = h.fake.statuses
+        assert (status.channel, status.thread_ts) == (CHANNEL, ts)
+        assert status.at <= reply.times[0]
+        assert THINKING_TEXT not in reply.states
+        assert any(s.endswith(STREAMING_INDICATOR) for s in reply.states[:-1])
+        assert len(reply.states) >= 2
         # Markdown goes to Slack as Markdown, in a markdown block, with a plain fallback.
         update = h.fake.calls_to("chat.update")[-1].args
         # The last update adds the feedback buttons after the same markdown block.
@@ -402,14 +405,16 @@ async def test_refused_native_streaming_falls_back_to_post_and_update(
     async with running_bot(sqlite_url, streaming=mode) as h:
         h.fake.native_streaming_error = "not_allowed"
         h.provider.enqueue(["Fallback ", "answer."], ["Second."])
+        # DM threads: where auto streams natively (the asker is the only reader).
         first, second = h.new_ts(), h.new_ts()
-        await h.sender.mention("one", ts=first)
-        await h.settle()
-        await h.sender.mention("two", ts=second)
-        await h.settle()
+        for text, thread in (("one", first), ("two", second)):
+            await h.sender.message(
+                text, channel=DM, channel_type="im", ts=h.new_ts(), thread_ts=thread
+            )
+            await h.settle()
 
-        assert final_text(h, first) == "Fallback answer."
-        assert final_text(h, second) == "Second."
+        assert final_text(h, first, DM) == "Fallback answer."
+        assert final_text(h, second, DM) == "Second."
         assert h.fake.counts["chat.postMessage"] == 2
         # auto remembers the refusal for the workspace; native keeps asking.
         assert h.fake.counts["chat.startStream"] == (1 if mode == "auto" else 2)
@@ -630,10 +635,16 @@ async def test_shutdown_ends_replies_in_progress_with_a_note(sqlite_url: str) ->
 @pytest.mark.parametrize("name", ["slack-manifest.yml", "slack-manifest.socket.yml"])
 def test_manifest_matches_what_the_bot_serves(name: str) -> None:
     text = (Path(__file__).resolve().parents[2] / name).read_text()
-    for scope in ("app_mentions:read", "chat:write", "commands", "channels:history", "im:history"):
+    scopes = ("app_mentions:read", "chat:write", "commands", "channels:history", "im:history")
+    # Issue 14: suggested prompts, files attached to questions.
+    for scope in (*scopes, "assistant:write", "files:read"):
         assert f"- {scope}\n" in text
-    for event in ("app_mention", "message.channels", "message.groups", "message.im"):
+    events = ("app_mention", "message.channels", "message.groups", "message.im")
+    # Issue 14: prompts when the DM opens, and the agent session's stop button.
+    for event in (*events, "app_home_opened", "agent_session_stopped"):
         assert f"- {event}\n" in text
+    # An agent app: its status, agent sessions and their stop button.
+    assert "\n  agent_view:\n    agent_description: " in text
     assert "command: /chatbot\n" in text
     socket = name.endswith(".socket.yml")
     assert f"socket_mode_enabled: {'true' if socket else 'false'}\n" in text

@@ -78,6 +78,8 @@ async def test_metrics_and_json_logs_after_an_answer_a_429_and_a_failure(
             server_error(502),
         )
         slack.fail_next("chat.update", "ratelimited", status=429)
+        # No thread status (an app without it): the reply shows "Thinking…" and is edited.
+        slack.missing_scopes.add("assistant.threads.setStatus")
         sender = signed_sender(bot, slack, session)
         answered = slack.next_ts()
         await sender.mention("what are metrics?", ts=answered)

@@ -2,7 +2,7 @@
 signed requests (HTTP) and envelopes (Socket Mode)."""
 
 from .sender import Answer, SlackSender
-from .server import Call, FakeSlack, Limit, Message, RawAnswer, Team
+from .server import Call, FakeSlack, Limit, Message, RawAnswer, StatusCall, StoredFile, Team
 from .socket_mode import SocketModeSender, SocketModeSlack
 
 __all__ = [
@@ -15,5 +15,7 @@ __all__ = [
     "SlackSender",
     "SocketModeSender",
     "SocketModeSlack",
+    "StatusCall",
+    "StoredFile",
     "Team",
 ]

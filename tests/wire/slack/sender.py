@@ -118,10 +118,12 @@ class SlackSender:
         user: str = "U_ALICE",
         thread_ts: str | None = None,
         both: bool = True,
+        extra: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> list[Answer]:
         """A channel message mentioning the bot, delivered as Slack does: as ``app_mention`` and,
-        when ``both``, also as ``message`` (two events with different event ids)."""
+        when ``both``, also as ``message`` (two events with different event ids). ``extra``
+        goes into both events (``files``, a ``subtype``)."""
         base: dict[str, Any] = {
             "user": user,
             "text": f"<@{self.bot_user_id}> {text}".rstrip(),
@@ -132,6 +134,7 @@ class SlackSender:
         }
         if thread_ts:
             base["thread_ts"] = thread_ts
+        base.update(extra or {})
         answers = [await self.event({"type": "app_mention", **base}, **kwargs)]
         if both:
             answers.append(
@@ -165,6 +168,66 @@ class SlackSender:
         if thread_ts:
             event["thread_ts"] = thread_ts
         event.update(extra or {})
+        return await self.event(event, **kwargs)
+
+    async def assistant_thread_started(
+        self,
+        *,
+        channel: str = "D0001",
+        thread_ts: str,
+        user: str = "U_ALICE",
+        context_channel: str | None = None,
+        **kwargs: Any,
+    ) -> Answer:
+        """``assistant_thread_started``: a person opened a new assistant thread with the app."""
+        context: dict[str, Any] = {}
+        if context_channel:
+            context = {"channel_id": context_channel, "team_id": self.team_id}
+        event = {
+            "type": "assistant_thread_started",
+            "assistant_thread": {
+                "user_id": user,
+                "context": context,
+                "channel_id": channel,
+                "thread_ts": thread_ts,
+            },
+            "event_ts": thread_ts,
+        }
+        return await self.event(event, **kwargs)
+
+    async def app_home_opened(
+        self, *, channel: str = "D0001", user: str = "U_ALICE", tab: str = "messages", **kwargs: Any
+    ) -> Answer:
+        """``app_home_opened``: a person opened the app's DM (``tab`` "messages") or Home tab;
+        in the Agent messaging experience this replaces ``assistant_thread_started``."""
+        event = {
+            "type": "app_home_opened",
+            "user": user,
+            "channel": channel,
+            "tab": tab,
+            "event_ts": f"{time.time():.6f}",
+        }
+        return await self.event(event, **kwargs)
+
+    async def agent_session_stopped(
+        self,
+        *,
+        channel: str,
+        thread_ts: str,
+        user: str = "U_ALICE",
+        streaming_message_ts: list[str] | None = None,
+        event_ts: str | None = None,
+        **kwargs: Any,
+    ) -> Answer:
+        """``agent_session_stopped``: a person clicked the stop button of an agent session."""
+        event = {
+            "type": "agent_session_stopped",
+            "channel": channel,
+            "thread_ts": thread_ts,
+            "user": user,
+            "streaming_message_ts": list(streaming_message_ts or []),
+            "event_ts": event_ts or f"{time.time():.6f}",
+        }
         return await self.event(event, **kwargs)
 
     async def command(

@@ -41,6 +41,10 @@ TIER_4_PER_MINUTE = 100.0
 POST_MESSAGE_PER_CHANNEL_PER_MINUTE = 60.0
 #: chat.postMessage across a workspace: "several hundred per minute"; the bot assumes 300.
 POST_MESSAGE_PER_WORKSPACE_PER_MINUTE = 300.0
+#: assistant.threads.setStatus: "Special rate limits apply", unpublished; the bot assumes (and
+#: the fake enforces) 600 a minute per workspace with a burst of 20 (bots/slack/surface.py).
+SET_STATUS_PER_MINUTE = 600.0
+SET_STATUS_BURST = 20
 
 #: Text limits (docs.slack.dev chat.postMessage and Block Kit reference): ``text`` answers
 #: msg_too_long beyond about 4,000 characters in practice, ``markdown_text`` and the markdown
@@ -52,6 +56,13 @@ MAX_SECTION_CHARS = 3_000
 MAX_BLOCKS = 50
 #: Block Kit "Context actions block": at most 5 elements.
 CONTEXT_ACTIONS_MAX = 5
+#: assistant.threads.setStatus: at most 10 loading messages; setSuggestedPrompts: at most 4.
+MAX_LOADING_MESSAGES = 10
+MAX_SUGGESTED_PROMPTS = 4
+#: agents.sessions.setStatus's acceptable values.
+SESSION_STATUSES = frozenset({"active", "processing", "suspended", "closed"})
+#: Where a file download without the bot token is sent (Slack answers a redirect to sign in).
+SIGN_IN_PATH = "/signin"
 
 #: A native stream stops accepting appends about 5 minutes after chat.startStream.
 STREAM_LIFETIME_SECONDS = 300.0
@@ -71,7 +82,7 @@ class Limit:
 
 #: Slack's limits per method (the bot's ``RateScope`` bursts plus ``NETWORK_SLACK_CALLS``).
 METHOD_LIMITS: dict[str, Limit] = {
-    "chat.postMessage": Limit(POST_MESSAGE_PER_CHANNEL_PER_MINUTE, 1 + NETWORK_SLACK_CALLS, True),
+    "chat.postMessage": Limit(POST_MESSAGE_PER_CHANNEL_PER_MINUTE, 2 + NETWORK_SLACK_CALLS, True),
     "chat.update": Limit(TIER_3_PER_MINUTE, 3 + NETWORK_SLACK_CALLS),
     "chat.startStream": Limit(TIER_2_PER_MINUTE, 3 + NETWORK_SLACK_CALLS),
     "chat.appendStream": Limit(TIER_4_PER_MINUTE, 5 + NETWORK_SLACK_CALLS),
@@ -81,10 +92,13 @@ METHOD_LIMITS: dict[str, Limit] = {
     "reactions.add": Limit(TIER_3_PER_MINUTE, 3 + NETWORK_SLACK_CALLS),
     "users.info": Limit(TIER_4_PER_MINUTE, 5 + NETWORK_SLACK_CALLS),
     "auth.test": Limit(TIER_4_PER_MINUTE, 5 + NETWORK_SLACK_CALLS),
+    "assistant.threads.setStatus": Limit(SET_STATUS_PER_MINUTE, SET_STATUS_BURST),
+    "assistant.threads.setSuggestedPrompts": Limit(TIER_4_PER_MINUTE, 5 + NETWORK_SLACK_CALLS),
+    "agents.sessions.setStatus": Limit(TIER_3_PER_MINUTE, 3 + NETWORK_SLACK_CALLS),
 }
 #: Limits applied across the workspace on top of a per-channel limit of the same method.
 WORKSPACE_LIMITS: dict[str, Limit] = {
-    "chat.postMessage": Limit(POST_MESSAGE_PER_WORKSPACE_PER_MINUTE, 1 + NETWORK_SLACK_CALLS),
+    "chat.postMessage": Limit(POST_MESSAGE_PER_WORKSPACE_PER_MINUTE, 10 + NETWORK_SLACK_CALLS),
 }
 
 
@@ -202,6 +216,28 @@ class Call:
 
 
 @dataclass(frozen=True, slots=True)
+class StatusCall:
+    """One accepted ``assistant.threads.setStatus``: where, what, and when (the fake's clock)."""
+
+    channel: str
+    thread_ts: str
+    status: str
+    loading_messages: tuple[str, ...]
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    """A file in the fake workspace, served at ``url_private_download`` to the bot token only."""
+
+    id: str
+    team_id: str
+    name: str
+    mimetype: str
+    content: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class RawAnswer:
     """An answer that is not Slack's JSON: what a proxy or load balancer in front of Slack sends
     (an HTML error page, plain text, or nothing at all)."""
@@ -265,6 +301,22 @@ class FakeSlack:
         #: Seconds each answer is held back (a slow Slack); 0 answers at once.
         self.latency = 0.0
         self.users: dict[str, dict[str, Any]] = {}
+        #: Methods answering ``missing_scope`` on every call (an app installed without a scope).
+        self.missing_scopes: set[str] = set()
+        #: Accepted assistant.threads.setStatus calls, in order; the status showing per thread
+        #: (Slack clears it when the app posts in the thread, and after two minutes).
+        self.statuses: list[StatusCall] = []
+        self.showing: dict[tuple[str, str], str] = {}
+        #: assistant.threads.setSuggestedPrompts calls: (channel, thread_ts or None, args).
+        self.suggested: list[tuple[str, str | None, dict[str, Any]]] = []
+        #: Agent sessions: (channel, thread_ts) -> status history (agents.sessions.setStatus).
+        self.sessions: dict[tuple[str, str], list[str]] = {}
+        #: Files people attached, by id; ``downloads`` counts authorised downloads, ``refused``
+        #: downloads without the bot token.
+        self.files: dict[str, StoredFile] = {}
+        self._file_ids = itertools.count(1)
+        self.downloads: Counter[str] = Counter()
+        self.refused_downloads = 0
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -284,6 +336,8 @@ class FakeSlack:
         app = web.Application(client_max_size=4 * 1024 * 1024)
         app.router.add_route("*", "/api/{method}", self._handle)
         app.router.add_post("/respond/{name}", self._respond)
+        app.router.add_get("/files-pri/{team_file}/download/{name}", self._download)
+        app.router.add_get(SIGN_IN_PATH, self._sign_in)
         return app
 
     async def start(self) -> Self:
@@ -379,6 +433,36 @@ class FakeSlack:
     def calls_to(self, method: str) -> list[Call]:
         return [c for c in self.calls if c.method == method]
 
+    def add_file(
+        self, name: str, content: bytes, *, mimetype: str = "text/plain", team_id: str | None = None
+    ) -> dict[str, Any]:
+        """A file a person attached: the ``files`` entry of their message event, as Slack sends
+        it (``url_private_download`` points at this fake and needs the bot token)."""
+        team = team_id or self.team.team_id
+        stored = StoredFile(f"F{next(self._file_ids):08d}", team, name, mimetype, content)
+        self.files[stored.id] = stored
+        base = f"http://127.0.0.1:{self.port}/files-pri/{team}-{stored.id}"
+        return {
+            "id": stored.id,
+            "created": 1700000000,
+            "name": name,
+            "title": name,
+            "mimetype": mimetype,
+            "filetype": name.rpartition(".")[2] if "." in name else "binary",
+            "pretty_type": mimetype,
+            "user": "U_ALICE",
+            "mode": "hosted",
+            "is_external": False,
+            "is_public": False,
+            "size": len(content),
+            "url_private": f"{base}/{name}",
+            "url_private_download": f"{base}/download/{name}",
+        }
+
+    def calls_in_order(self, *methods: str) -> list[Call]:
+        """The accepted calls of ``methods`` (all when none named), in the order they came."""
+        return [c for c in self.calls if c.status == 200 and (not methods or c.method in methods)]
+
     # -- HTTP --------------------------------------------------------------------------------
 
     async def _respond(self, request: web.Request) -> web.Response:
@@ -387,6 +471,25 @@ class FakeSlack:
         payload["_name"] = request.match_info["name"]
         self.responded.append(payload)
         return web.json_response({"ok": True})
+
+    async def _download(self, request: web.Request) -> web.Response:
+        """A file's bytes for the bot token of its workspace; anyone else is sent to sign in,
+        as Slack does (a redirect to an HTML login page, never the file)."""
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        team = self.teams.get(token)
+        _, _, file_id = request.match_info["team_file"].partition("-")
+        stored = self.files.get(file_id)
+        if team is None or stored is None or stored.team_id != team.team_id:
+            self.refused_downloads += 1
+            raise web.HTTPFound(f"{SIGN_IN_PATH}?redir={request.path}")
+        self.downloads[stored.id] += 1
+        return web.Response(body=stored.content, content_type=stored.mimetype)
+
+    async def _sign_in(self, request: web.Request) -> web.Response:
+        return web.Response(
+            text="<!DOCTYPE html><html><body>Sign in to Slack</body></html>",
+            content_type="text/html",
+        )
 
     async def _handle(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
@@ -419,6 +522,8 @@ class FakeSlack:
                     self.calls.append(Call(method, args, answer.status, None, now))
                     return answer.response()
                 raise SlackError(*answer)
+            if method in self.missing_scopes:
+                raise SlackError("missing_scope")
             handler = getattr(self, "_m_" + method.replace(".", "_"), None)
             if handler is None:
                 raise SlackError("unknown_method", 404)
@@ -489,6 +594,9 @@ class FakeSlack:
         )
         message.show(self._now())
         self.messages[(channel, message.ts)] = message
+        if message.thread_ts:
+            # Slack clears the thread's status when the app replies in it.
+            self.showing.pop((channel, message.thread_ts), None)
         return {"channel": channel, "ts": message.ts, "message": message.as_api()}
 
     def _m_chat_update(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
@@ -530,6 +638,7 @@ class FakeSlack:
         )
         message.show(self._now())
         self.messages[(channel, message.ts)] = message
+        self.showing.pop((channel, thread_ts), None)
         return {"channel": channel, "ts": message.ts}
 
     def _m_chat_appendStream(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
@@ -549,6 +658,53 @@ class FakeSlack:
             message.show(self._now())
         message.streaming = False
         return {"channel": message.channel, "ts": message.ts, "message": message.as_api()}
+
+    def _m_assistant_threads_setStatus(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        channel = str(_required(args, "channel_id"))
+        thread_ts = str(_required(args, "thread_ts"))
+        status = args.get("status")
+        if status is None:
+            raise SlackError("invalid_arguments")
+        loading = args.get("loading_messages") or []
+        if not isinstance(loading, list) or len(loading) > MAX_LOADING_MESSAGES:
+            raise SlackError("invalid_arguments")
+        call = StatusCall(channel, thread_ts, str(status), tuple(map(str, loading)), self._now())
+        self.statuses.append(call)
+        if status:
+            self.showing[(channel, thread_ts)] = str(status)
+        else:
+            self.showing.pop((channel, thread_ts), None)
+        return {}
+
+    def _m_assistant_threads_setSuggestedPrompts(
+        self, team: Team, args: dict[str, Any]
+    ) -> dict[str, Any]:
+        channel = str(_required(args, "channel_id"))
+        prompts = args.get("prompts")
+        if not isinstance(prompts, list) or not 1 <= len(prompts) <= MAX_SUGGESTED_PROMPTS:
+            raise SlackError("invalid_arguments")
+        for prompt in prompts:
+            if not isinstance(prompt, dict) or not prompt.get("title") or not prompt.get("message"):
+                raise SlackError("invalid_arguments")
+        thread_ts = args.get("thread_ts")
+        self.suggested.append((channel, str(thread_ts) if thread_ts else None, args))
+        return {}
+
+    def _m_agents_sessions_setStatus(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        status = str(args.get("status") or "")
+        if status not in SESSION_STATUSES:
+            raise SlackError("invalid_arguments")
+        channel = str(_required(args, "channel_id"))
+        thread_ts = str(args.get("thread_ts") or "")
+        if not thread_ts:
+            raise SlackError("invalid_thread_ts")
+        self.sessions.setdefault((channel, thread_ts), []).append(status)
+        return {"status": status, "agent_status": status}
+
+    def session_status(self, channel: str, thread_ts: str) -> str | None:
+        """The agent session's current status in a thread (None: no session there)."""
+        history = self.sessions.get((channel, thread_ts))
+        return history[-1] if history else None
 
     def _m_conversations_replies(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
         channel = str(_required(args, "channel"))
