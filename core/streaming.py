@@ -362,7 +362,9 @@ class ReplyStreamer:
         platform shows exactly the final text; None before that or when it never will."""
         if self._phase != _FINISHED or not self._messages or not self.delivered:
             return None
-        last = self._messages[-1]
+        # The answer's own last message, not a retracted one after it.
+        answer = max(1, min(len(self._answer_targets()), len(self._messages)))
+        last = self._messages[answer - 1]
         return None if last.live else (last.id, last.shown)
 
     # -- internals -------------------------------------------------------------------------
@@ -398,6 +400,14 @@ class ReplyStreamer:
         return raw + "\n\n" + self._note
 
     def _targets(self) -> list[_Target]:
+        """What each message should show now: the answer's messages, then a retraction for
+        each message a retried or regenerated answer no longer needs."""
+        targets = self._answer_targets()
+        for _ in range(len(targets), len(self._messages)):
+            targets.append(_Target(self._surface.render(RETRACTED_TEXT), True))
+        return targets
+
+    def _answer_targets(self) -> list[_Target]:
         render = self._surface.render
         final = self._phase != _STREAMING
         content = self._content()
@@ -428,8 +438,6 @@ class ReplyStreamer:
                     if len(decorated) <= self._surface.max_chars:
                         text = decorated
                 targets.append(_Target(text, complete))
-        for _ in range(len(targets), len(self._messages)):
-            targets.append(_Target(render(RETRACTED_TEXT), True))
         return targets
 
     def _plan(self) -> tuple[str, int] | None:

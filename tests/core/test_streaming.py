@@ -235,6 +235,27 @@ def test_a_shorter_retried_answer_retracts_continuation_messages_it_no_longer_ne
     assert shown[1:] == [RETRACTED_TEXT] * (len(shown) - 1)
 
 
+def test_the_last_message_of_a_shorter_retried_answer_is_its_own_not_a_retracted_one() -> None:
+    """Where the front door puts the buttons (feedback, regenerate): on the answer's last
+    message, not on a retraction after it."""
+
+    async def main() -> tuple[list[str], tuple[str, str] | None, list[str]]:
+        platform = Platform(latency=LATENCY)
+        surface = FakeSurface(platform, max_chars=60)
+        streamer = streamer_for(surface)
+        await streamer.begin()
+        await feed(streamer, words(40))
+        await asyncio.sleep(5.0)
+        await streamer.retrying("_retrying…_")
+        await feed(streamer, ["short ", "answer"])
+        await streamer.finish()
+        return surface.messages(), streamer.last_message, streamer.message_ids
+
+    shown, last, ids = run_virtual(main())
+    assert len(shown) > 2 and shown[1] == RETRACTED_TEXT
+    assert last == (ids[0], "short answer")
+
+
 def test_cancel_closes_an_open_code_block_and_shows_the_note() -> None:
     async def main() -> list[str]:
         platform = Platform(latency=LATENCY)

@@ -6,8 +6,10 @@ while the bot is shutting down (in this process, where the moment can be chosen 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -268,6 +270,9 @@ async def test_a_reply_cut_by_a_crash_is_finished_in_place_by_the_next_process(
         ts = fake.next_ts()
         await signed_sender(first, fake, session).mention("tell me everything", ts=ts)
         await until(lambda: fake.thread_text(CHANNEL, ts).startswith("*(offline"))
+        # With the thread's status showing, the first post is the answer's first text: the crash
+        # comes once the turn has recorded that message (before, there is nothing to resume).
+        await until(lambda: _reply_recorded(tmp_path / "shared.db"))
         first.process.send_signal(signal.SIGKILL)  # a crash: no shutdown note, no cleanup
         await asyncio.to_thread(first.process.wait, 10)
         [reply] = fake.bot_messages(CHANNEL, ts)
@@ -284,6 +289,13 @@ async def test_a_reply_cut_by_a_crash_is_finished_in_place_by_the_next_process(
         assert "taking over turn" in second.stderr
         assert await second.terminate() == 0, second.stderr
         print(f"crash to complete answer: {finished_after:.1f} s")
+
+
+def _reply_recorded(database: Path) -> bool:
+    """Whether the one turn in ``database`` has recorded its reply's message."""
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        row = connection.execute("SELECT reply_message_ids FROM turns").fetchone()
+    return row is not None and bool(row[0])
 
 
 async def test_a_second_process_on_one_sqlite_file_is_refused_in_one_line(
