@@ -47,6 +47,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from core.access import COMMAND_REFUSALS, DM_REFUSAL, AccessRules, dm_refusal_key
+from core.attachments import images_of, with_text_files
 from core.commands import ChannelTarget, Command, HelpStyle, changes_channel, parse_command
 from core.config import Settings
 from core.conversation import ChatMessage, ConversationKey, IncomingMessage
@@ -349,6 +350,10 @@ class FrontDoor:
                 log.debug("%s message %s: %s", self.profile.name, arrival.message_id, why)
                 return None
             question = await arrival.question()
+            # Text files go into the stored question; images go with the turn (``_run``).
+            files = tuple(getattr(arrival, "attachments", ()))
+            if files:
+                question = await with_text_files(question, files)
             if conversation is None:
                 conversation, _ = await store.get_or_create(key)
             event_key = (
@@ -444,6 +449,7 @@ class FrontDoor:
             thread_context=context,
             allow_commands=decision.commands,
             turn_id=admission.turn_id,
+            attachments=images_of(getattr(arrival, "attachments", ())),
         )
         surface = await arrival.reply(decision)
         if isinstance(surface, Placed) and surface.place != admission.place:

@@ -1,4 +1,5 @@
-"""The commands users type, platform-neutral: reset, system, history, help: parsing and running.
+"""The commands users type, platform-neutral: reset, system, history, model, streaming, help:
+parsing and running.
 
 Adapters turn a slash command, an app command or a mention's words into a ``Command`` and hand it
 to the front door (``core.bot``) with its target: a conversation (a DM, a thread) or a channel's
@@ -12,9 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from core.config import HISTORY_STRATEGIES, Settings
+from core.config import HISTORY_STRATEGIES, SLACK_STREAMING_MODES, Settings
 from core.conversation import ConversationKey
 from core.history import effective_history
+from core.models import describe_choices, find_model, resolve_model
 from core.store import DEPLOYMENT_SYSTEM_PROMPT, Conversation, ConversationStore
 
 Action = Literal[
@@ -25,6 +27,12 @@ Action = Literal[
     "history_show",
     "history_set",
     "history_clear",
+    "model_show",
+    "model_set",
+    "model_clear",
+    "streaming_show",
+    "streaming_set",
+    "streaming_clear",
     "help",
 ]
 
@@ -33,6 +41,12 @@ MAX_SYSTEM_PROMPT_CHARS = 8000
 #: Bounds of a channel's history limits: messages under ``count``, tokens under the others.
 HISTORY_MESSAGES_RANGE = (1, 500)
 HISTORY_TOKENS_RANGE = (256, 1_000_000)
+#: What each ``streaming`` mode does, for the command's answers.
+STREAMING_MODES = {
+    "native": "stream natively (the platform's own streaming messages)",
+    "update": "appear in a message edited as the answer grows",
+    "auto": "stream natively where only the asker reads them (DMs), else in an edited message",
+}
 #: Shown in a reply cut short by a reset.
 CANCELLED_BY_RESET = "Stopped: the conversation was reset."
 
@@ -41,9 +55,9 @@ CANCELLED_BY_RESET = "Stopped: the conversation was reset."
 class Command:
     """A parsed command.
 
-    ``text`` is the new system prompt for ``system_set``, or the strategy name for
-    ``history_set`` (with ``limit``: messages under ``count``, tokens otherwise; None keeps the
-    deployment's figure). ``problem`` says what was wrong when a command was mistyped.
+    ``text`` is the new system prompt for ``system_set``, the strategy name for ``history_set``
+    (with ``limit``: messages under ``count``, tokens otherwise; None keeps the deployment's
+    figure), the model's name for ``model_set``, the mode for ``streaming_set``. ``problem`` says what was wrong when a command was mistyped.
     """
 
     action: Action
@@ -66,7 +80,8 @@ def parse_command(text: str) -> Command | None:
 
     Only whole-message forms count, so "help me with this" stays a question:
     ``reset``, ``help``, ``system``, ``system show``, ``system clear``, ``system set <text>`` and
-    ``system <text>``; a leading ``/`` is allowed.
+    ``system <text>``, ``model``, ``model <name>``, ``model clear``, ``streaming``,
+    ``streaming native|update|auto|clear``; a leading ``/`` is allowed.
     """
     stripped = text.strip()
     if stripped.startswith("/"):
@@ -78,6 +93,11 @@ def parse_command(text: str) -> Command | None:
         return Command("reset" if word == "reset" else "help")
     if word == "history":
         return _parse_history(rest)
+    if word in ("model", "streaming"):
+        # One word at most after it: "model the data for me" stays a question.
+        if len(rest.split()) > 1:
+            return None
+        return _parse_model(rest) if word == "model" else _parse_streaming(rest)
     if word != "system":
         # "system\n<text>" splits on the newline, not the space.
         word, _, rest = stripped.partition("\n")
@@ -92,6 +112,28 @@ def parse_command(text: str) -> Command | None:
     if sub.lower() == "set":
         return Command("system_set", value.strip()) if value.strip() else Command("help")
     return Command("system_set", rest)
+
+
+def _parse_model(rest: str) -> Command:
+    if not rest or rest.lower() == "show":
+        return Command("model_show")
+    if rest.lower() in ("clear", "default"):
+        return Command("model_clear")
+    return Command("model_set", rest)
+
+
+def _parse_streaming(rest: str) -> Command:
+    mode = rest.lower()
+    if not mode or mode == "show":
+        return Command("streaming_show")
+    if mode in ("clear", "default"):
+        return Command("streaming_clear")
+    if mode in SLACK_STREAMING_MODES:
+        return Command("streaming_set", mode)
+    return Command(
+        "help",
+        problem=f"I don't know the streaming mode {rest!r}: use `native`, `update` or `auto`.",
+    )
 
 
 def _parse_history(rest: str) -> Command:
@@ -127,12 +169,14 @@ class HelpStyle:
     ``prefix`` is what goes before a command word (``"/chatbot "`` on Slack, ``"/"`` for app
     commands and the terminal); ``app_commands`` lists subcommand forms (``system show``,
     ``system set <text>``) instead of typed words (``system``, ``system <text>``); ``threads``
-    says how commands act in threads and channels (not in the terminal).
+    says how commands act in threads and channels (not in the terminal); ``native_streams``
+    says whether the platform has native streams (Slack), which the ``streaming`` command picks.
     """
 
     prefix: str = "/"
     app_commands: bool = False
     threads: bool = True
+    native_streams: bool = False
 
 
 def help_text(style: HelpStyle) -> str:
@@ -171,16 +215,33 @@ def help_text(style: HelpStyle) -> str:
         if style.threads
         else ""
     )
-    lines = f"• `{p}reset` — start this conversation over\n" + system + history
+    where = "this conversation" if not style.threads else "this conversation or channel"
+    model = (
+        f"• `{p}model` — the model answering here and the choices\n"
+        f"• `{p}model <name>`, `{p}model clear` — pick a model for {where}, or go back to the "
+        "default\n"
+    )
+    streaming = (
+        f"• `{p}streaming`, `{p}streaming native|update|auto`, `{p}streaming clear` — how "
+        "answers stream in this channel (native streams, or a message edited as it grows)\n"
+        if style.native_streams
+        else ""
+    )
+    lines = f"• `{p}reset` — start this conversation over\n" + system + history + model + streaming
     return (intro + lines + f"• `{p}help` — this help\n" + outro).rstrip("\n")
 
 
 def changes_channel(command: Command, target: ConversationKey | ChannelTarget) -> bool:
     """Whether ``command`` changes a channel's defaults (platforms may ask for rights)."""
-    if command.action in ("history_set", "history_clear"):
-        # History settings always belong to the channel, even when asked from a thread.
+    if command.action in ("history_set", "history_clear", "streaming_set", "streaming_clear"):
+        # History and streaming settings always belong to the channel, even from a thread.
         return True
-    return command.action in ("system_set", "system_clear") and isinstance(target, ChannelTarget)
+    return command.action in (
+        "system_set",
+        "system_clear",
+        "model_set",
+        "model_clear",
+    ) and isinstance(target, ChannelTarget)
 
 
 def system_prompt_for(
@@ -223,6 +284,10 @@ class CommandRunner:
             return f"{command.problem}\n\n{text}" if command.problem else text
         if command.action.startswith("history_"):
             return await self._history_command(command, target)
+        if command.action.startswith("model_"):
+            return await self._model_command(command, target)
+        if command.action.startswith("streaming_"):
+            return await self._streaming_command(command, target)
         if command.action == "system_set" and len(command.text) > MAX_SYSTEM_PROMPT_CHARS:
             return (
                 f"That system prompt is {len(command.text):,} characters; the limit is "
@@ -291,6 +356,73 @@ class CommandRunner:
             command.action, ""
         )
         return f"{prefix}Each request here sends {described} ({source})."
+
+    async def _model_command(
+        self, command: Command, target: ConversationKey | ChannelTarget
+    ) -> str:
+        """The conversation's model (a thread, a DM) or a channel's default for new threads."""
+        settings = self.settings
+        where = (target.platform, target.workspace, target.channel)
+        choices = describe_choices(settings)
+        if command.action == "model_set":
+            choice = find_model(settings, command.text)
+            if choice is None:
+                return f"I don't know the model `{command.text}`. The choices: {choices}."
+            value: str | None = choice.name
+        else:
+            value = None
+        if isinstance(target, ChannelTarget):
+            if command.action != "model_show":
+                await self.store.update_channel_settings(*where, model=value)
+            channel = await self.store.channel_settings(*where)
+            choice, source = resolve_model(settings, None, channel.model)
+            done = {"model_set": "Done. ", "model_clear": "Back to the default. "}.get(
+                command.action, ""
+            )
+            own = "this channel's default" if source == "channel" else "the bot's default"
+            return (
+                f"{done}New conversations in this channel use `{choice.name}` ({own}). "
+                f"The choices: {choices}."
+            )
+        conversation, _ = await self.store.get_or_create(target)
+        if command.action != "model_show":
+            await self.store.set_conversation_model(conversation.id, value)
+            conversation = await self.store.get(conversation.id)
+        channel = await self.store.channel_settings(*where)
+        choice, source = resolve_model(settings, conversation.model, channel.model)
+        done = {"model_set": "Done. ", "model_clear": "Back to the default. "}.get(
+            command.action, ""
+        )
+        own = {
+            "conversation": "set for this conversation",
+            "channel": "this channel's default",
+            "default": "the bot's default",
+        }[source]
+        return f"{done}This conversation uses `{choice.name}` ({own}). The choices: {choices}."
+
+    async def _streaming_command(
+        self, command: Command, target: ConversationKey | ChannelTarget
+    ) -> str:
+        """How answers stream in a channel: only where the platform has native streams."""
+        style = self.help_styles.get(target.platform, HelpStyle())
+        if not style.native_streams:
+            return (
+                "Answers here always appear in a message that grows as it is written; this "
+                "platform has no native streams to choose."
+            )
+        where = (target.platform, target.workspace, target.channel)
+        if command.action == "streaming_set":
+            await self.store.update_channel_settings(*where, streaming=command.text)
+        elif command.action == "streaming_clear":
+            await self.store.update_channel_settings(*where, streaming=None)
+        mode = (await self.store.channel_settings(*where)).streaming
+        done = {"streaming_set": "Done. ", "streaming_clear": "Back to the default. "}.get(
+            command.action, ""
+        )
+        own = "this channel's setting" if mode is not None else "the bot's default"
+        # The deployment's mode: SLACK_STREAMING (Slack is the platform with native streams).
+        mode = mode or self.settings.slack_streaming
+        return f"{done}Answers in this channel {STREAMING_MODES[mode]} (`{mode}`, {own})."
 
     async def _channel_command(self, command: Command, target: ChannelTarget) -> str:
         channel = await self.store.channel_settings(

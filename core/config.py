@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl, urlencode
 from dotenv import dotenv_values
 
 from core.errors import ConfigError
+from core.models import ModelChoice, parse_models
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful assistant in a team chat. Answer clearly and concisely; "
@@ -26,6 +27,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 #: The smallest MODEL_CONTEXT_TOKENS accepted: below it no question and answer fit at all.
 MIN_CONTEXT_TOKENS = 256
+#: ``MAX_IMAGE_BYTES`` when unset: 5 MB, the most Anthropic's API takes per image.
+DEFAULT_MAX_IMAGE_BYTES = 5 * 1024 * 1024
 TRUE_WORDS = ("true", "1", "yes", "on")
 FALSE_WORDS = ("false", "0", "no", "off")
 # Hosts (Heroku, Render, Railway, Fly) hand out plain libpq URLs; SQLAlchemy's asyncio extension
@@ -107,6 +110,11 @@ class Settings:
     channel_daily_tokens: int | None = None
     # Questions a user may ask per minute; more are told to wait (0: no limit).
     user_messages_per_minute: int = 10
+    # Models users may pick (``MODELS``, core/models.py); empty: only LLM_PROVIDER/LLM_MODEL.
+    models: tuple[ModelChoice, ...] = ()
+    # Images sent with one question to a model that sees them, and the largest one, in bytes.
+    max_images: int = 4
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
 
     @classmethod
     def load(
@@ -195,6 +203,10 @@ class Settings:
             default_provider = "openai"
         else:
             default_provider = "offline"
+        models = parse_models(get("MODELS") or "")
+        _check_model_keys(
+            models, anthropic_key or get("ANTHROPIC_BASE_URL"), openai_key or openai_url
+        )
         guilds = tuple(
             g.strip() for g in (get("DISCORD_COMMAND_GUILDS") or "").split(",") if g.strip()
         )
@@ -246,6 +258,9 @@ class Settings:
             user_daily_tokens=get_optional_int("USER_DAILY_TOKENS", 1),
             channel_daily_tokens=get_optional_int("CHANNEL_DAILY_TOKENS", 1),
             user_messages_per_minute=get_int("USER_MESSAGES_PER_MINUTE", 10),
+            models=models,
+            max_images=get_int("MAX_IMAGES", 4),
+            max_image_bytes=get_int("MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES, minimum=1),
         )
 
     def with_overrides(self, **changes: Any) -> Settings:
@@ -255,6 +270,22 @@ class Settings:
         if unknown:
             raise TypeError(f"unknown settings: {sorted(unknown)}")
         return replace(self, **changes)
+
+
+def _check_model_keys(
+    models: tuple[ModelChoice, ...], anthropic_access: str | None, openai_access: str | None
+) -> None:
+    """A ``MODELS`` entry whose provider cannot be reached is a start-up error, not a turn's."""
+    for choice in models:
+        if choice.provider == "openai" and openai_access is None:
+            missing = "OPENAI_API_KEY (or OPENAI_BASE_URL)"
+        elif choice.provider == "anthropic" and anthropic_access is None:
+            missing = "ANTHROPIC_API_KEY (or ANTHROPIC_BASE_URL)"
+        else:
+            continue
+        raise ConfigError(
+            f"MODELS lists {choice.qualified}, but {missing} is not set", setting="MODELS"
+        )
 
 
 def parse_log_level(raw: str | None) -> str | None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from core.attachments import Attachment
 
 Role = Literal["user", "assistant"]
 
@@ -32,11 +35,21 @@ class ConversationKey:
 
 
 @dataclass(frozen=True, slots=True)
+class ImagePart:
+    """An image sent with a question to a model that sees images (never stored)."""
+
+    name: str
+    media_type: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class ChatMessage:
-    """One message as sent to a model."""
+    """One message as sent to a model; ``images`` go after the text (the turn's own question)."""
 
     role: Role
     content: str
+    images: tuple[ImagePart, ...] = ()
 
 
 @dataclass(slots=True)
@@ -82,6 +95,9 @@ class IncomingMessage:
     turn_id: int | None = None
     # Taken over from a worker that died: its question may be stored already.
     taken_over: bool = False
+    # Images that came with the message (``core.attachments``): fetched when the turn runs and
+    # sent to a model that sees images. Text files are inlined into ``text`` at intake.
+    attachments: tuple[Attachment, ...] = ()
 
 
 def alternating(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
@@ -94,7 +110,12 @@ def alternating(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
     merged: list[ChatMessage] = []
     for message in messages:
         if merged and merged[-1].role == message.role:
-            merged[-1] = ChatMessage(message.role, f"{merged[-1].content}\n\n{message.content}")
+            previous = merged[-1]
+            merged[-1] = ChatMessage(
+                message.role,
+                f"{previous.content}\n\n{message.content}",
+                previous.images + message.images,
+            )
         else:
             merged.append(message)
     return merged

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal, TypeVar
 
+from core.attachments import load_images
 from core.commands import (
     CANCELLED_BY_RESET,
     HISTORY_TOKENS_RANGE,
@@ -30,8 +31,9 @@ from core.commands import (
     system_prompt_for,
 )
 from core.config import Settings
-from core.conversation import ConversationKey, IncomingMessage, Usage
+from core.conversation import ChatMessage, ConversationKey, ImagePart, IncomingMessage, Usage
 from core.errors import (
+    ConfigError,
     ContextOverflowError,
     ProviderAuthError,
     ProviderError,
@@ -48,6 +50,7 @@ from core.history import (
     raw_estimate,
 )
 from core.metrics import Metrics
+from core.models import ModelChoice, default_choice, resolve_model
 from core.outcomes import (
     EMPTY_ANSWER,
     UNEXPECTED_FAILURE,
@@ -155,6 +158,12 @@ class _Progress:
     lined_up_at: float = 0.0
     # Milliseconds and tokens of the turn (``TurnResult.timings``).
     timings: dict[str, int] = field(default_factory=dict)
+    # The provider and model answering (None: the engine's own, the deployment's default), the
+    # images sent with the question, and what to say after the answer about files not sent.
+    provider: Provider | None = None
+    model: str | None = None
+    images: tuple[ImagePart, ...] = ()
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +229,8 @@ class ChatEngine:
         self.settings = settings
         self.store = store
         self.provider = provider
+        # Providers of other APIs that MODELS names, built on first use and kept (by name).
+        self._providers: dict[str, Provider] = {}
         self.metrics = metrics or Metrics()
         self.retry = retry or RetryPolicy(max_attempts=settings.max_retry_attempts)
         self._clock = clock
@@ -256,6 +267,8 @@ class ChatEngine:
         for task in self._background:
             task.cancel()
         await self.provider.aclose()
+        for other in self._providers.values():
+            await other.aclose()
         await self.store.close()
         await self.metrics.close()
 
@@ -448,7 +461,8 @@ class ChatEngine:
         turn_id, tally = progress.turn_id, progress.tally
         if turn_id is None or not tally.called:
             return
-        usage = tally.usage(self.settings, self.provider.name, self.provider.model)
+        provider, model = self._answering(progress)
+        usage = tally.usage(self.settings, provider.name, model)
         seen = None
         if progress.system is not None:
             first, started = progress.first_token_at, progress.started_at
@@ -501,9 +515,10 @@ class ChatEngine:
         ended = self._clock()
         first_token = None if first is None else first - started
         usage = progress.usage
+        provider, model = self._answering(progress)
         self.metrics.model_call(
-            self.provider.name,
-            self.provider.model,
+            provider.name,
+            model,
             ended - started,
             first_token=first_token,
             input_tokens=usage.input_tokens,
@@ -535,6 +550,19 @@ class ChatEngine:
         key = conversation.key
         channel = await self.store.channel_settings(key.platform, key.workspace, key.channel)
         system, variant = await self._system_prompt(conversation, channel.system_prompt, progress)
+        choice, _ = resolve_model(self.settings, conversation.model, channel.model)
+        try:
+            progress.provider, progress.model = self._provider_for(choice)
+        except ConfigError as error:
+            log.error("conversation %s: model %s: %s", conversation.id, choice.qualified, error)
+            message = f"The model {choice.name} is not set up here: {error}"
+            return await self._failed(progress, reply, message, str(error))
+        progress.images, progress.notes = await load_images(
+            incoming.attachments,
+            choice,
+            max_images=self.settings.max_images,
+            max_bytes=self.settings.max_image_bytes,
+        )
         # A turn taken over from a worker that died may have stored its question already.
         stored = (
             await self.store.turn_question(progress.turn_id)
@@ -665,6 +693,8 @@ class ChatEngine:
     ) -> None:
         """One request under the retry policy; the text goes to ``reply`` and ``progress``."""
         parts = progress.parts
+        provider, model = self._answering(progress)
+        messages = _with_images(request.window.messages, progress.images)
 
         async def on_retry(attempt: int, wait: float, error: TransientProviderError) -> None:
             self.metrics.provider_retry(error)
@@ -689,11 +719,12 @@ class ChatEngine:
                 # This attempt's first token (``progress.first_token_at`` is the turn's first).
                 first: float | None = None
                 try:
-                    async for delta in self.provider.stream(
-                        request.window.messages,
+                    async for delta in provider.stream(
+                        messages,
                         system=request.window.system,
                         max_tokens=request.max_tokens,
                         usage=progress.usage,
+                        model=model,
                     ):
                         if first is None:
                             first = self._clock()
@@ -725,13 +756,17 @@ class ChatEngine:
         """Land the final text (with a note when it was cut) and store the answer."""
         usage = progress.usage
         cut = usage.cut_at_limit
-        note = None
+        notes = list(progress.notes)
         if cut:
-            note = cut_note(
-                outcome.request.max_tokens,
-                setting_limit=self.settings.max_reply_tokens,
-                context_tokens=outcome.request.context_tokens,
+            notes.insert(
+                0,
+                cut_note(
+                    outcome.request.max_tokens,
+                    setting_limit=self.settings.max_reply_tokens,
+                    context_tokens=outcome.request.context_tokens,
+                ),
             )
+        note = "\n".join(notes) or None
         message_ids: list[str] = []
         try:
             message_ids = await reply.finish(note)
@@ -764,7 +799,7 @@ class ChatEngine:
                         output_tokens=usage.output_tokens,
                         first_token_ms=None if first is None else _ms(first - outcome.started),
                         duration_ms=_ms(finished - outcome.started),
-                        model=self.provider.label[:200],
+                        model=self._label(progress)[:200],
                         prompt_variant=outcome.variant,
                         status="cut" if cut else None,
                         finish_reason=usage.finish_reason,
@@ -836,7 +871,7 @@ class ChatEngine:
                         "assistant",
                         shown,
                         output_tokens=usage.output_tokens,
-                        model=self.provider.label[:200],
+                        model=self._label(progress)[:200],
                         status=status,
                         turn_id=progress.turn_id,
                     ),
@@ -905,6 +940,30 @@ class ChatEngine:
             return
         log.error("turn %s's outcome could not be saved; recovery may answer it again", turn_id)
 
+    def _provider_for(self, choice: ModelChoice) -> tuple[Provider, str]:
+        """The provider that answers with ``choice`` and the model to ask it for: the engine's
+        own for the deployment's default; else one per provider, built once and kept."""
+        if choice == default_choice(self.settings):
+            return self.provider, self.provider.model
+        if choice.provider == self.provider.name:
+            return self.provider, choice.model
+        provider = self._providers.get(choice.provider)
+        if provider is None:
+            provider = build_provider(self.settings.with_overrides(llm_provider=choice.provider))
+            self._providers[choice.provider] = provider
+        return provider, choice.model
+
+    def _answering(self, progress: _Progress) -> tuple[Provider, str]:
+        """The provider and model of ``progress``'s turn (the default until it is resolved)."""
+        if progress.provider is None or progress.model is None:
+            return self.provider, self.provider.model
+        return progress.provider, progress.model
+
+    def _label(self, progress: _Progress) -> str:
+        """What the turn's answer is recorded as coming from (``openai (gpt-4.1-mini)``)."""
+        provider, model = self._answering(progress)
+        return provider.label_for(model)
+
     def _context_tokens(self) -> int | None:
         """The model's context window: the setting, else what its server said before."""
         return self.settings.model_context_tokens or self._learned_context
@@ -971,6 +1030,14 @@ class ChatEngine:
         return await policy_for(self.settings, channel).load(
             self.store, conversation, system=system
         )
+
+
+def _with_images(messages: list[ChatMessage], images: tuple[ImagePart, ...]) -> list[ChatMessage]:
+    """``messages`` with ``images`` on the last one (the turn's question) when there are any."""
+    if not images or not messages or messages[-1].role != "user":
+        return messages
+    last = messages[-1]
+    return [*messages[:-1], ChatMessage(last.role, last.content, last.images + images)]
 
 
 def _context_margin(context_tokens: int) -> int:

@@ -315,6 +315,8 @@ class Conversation:
     system_prompt: str | None
     summary: str | None
     summary_upto_id: int | None
+    # The model chosen for this conversation (``model`` command); None: the channel's default.
+    model: str | None = None
 
 
 #: What became of a message (``messages.status``; None: an ordinary message). Questions of
@@ -372,12 +374,15 @@ class TurnRecord:
 
 @dataclass(frozen=True, slots=True)
 class ChannelSettings:
-    """Per-channel defaults: the system prompt and history overrides for new threads."""
+    """Per-channel defaults: the system prompt and history overrides for new threads, the
+    default model and how answers stream there (``native``, ``update``, ``auto``)."""
 
     system_prompt: str | None = None
     history_strategy: str | None = None
     max_history_messages: int | None = None
     max_history_tokens: int | None = None
+    model: str | None = None
+    streaming: str | None = None
 
 
 #: How ``usage_report`` groups turns.
@@ -518,6 +523,7 @@ def _conversation(row: ConversationRow) -> Conversation:
         system_prompt=row.system_prompt,
         summary=row.summary,
         summary_upto_id=row.summary_upto_id,
+        model=row.model,
     )
 
 
@@ -787,6 +793,15 @@ class ConversationStore:
                 .values(system_prompt=prompt, updated_at=_now())
             )
 
+    async def set_conversation_model(self, conversation_id: int, model: str | None) -> None:
+        """Set (or with ``None`` clear) the model chosen for the conversation."""
+        async with self._sessions.begin() as session:
+            await session.execute(
+                update(ConversationRow)
+                .where(ConversationRow.id == conversation_id)
+                .values(model=model, updated_at=_now())
+            )
+
     async def set_summary(self, conversation_id: int, summary: str, upto_id: int) -> None:
         """Store the running summary, covering messages up to ``upto_id``."""
         async with self._sessions.begin() as session:
@@ -973,6 +988,8 @@ class ConversationStore:
             history_strategy=row.history_strategy,
             max_history_messages=row.max_history_messages,
             max_history_tokens=row.max_history_tokens,
+            model=row.model,
+            streaming=row.streaming,
         )
 
     async def update_channel_settings(
@@ -984,6 +1001,8 @@ class ConversationStore:
             "history_strategy",
             "max_history_messages",
             "max_history_tokens",
+            "model",
+            "streaming",
         }
         unknown = set(values) - allowed
         if unknown:

@@ -46,6 +46,9 @@ Type a message and press Enter; the answer appears as it is written.
   /history             how much of the conversation each request sends
   /history count 30, /history tokens 6000, /history summary 6000, /history clear
                        change that for this conversation
+  /model               the model answering this conversation, and the choices (MODELS)
+  /model <name>        answer this conversation with another model
+  /model clear         go back to the default model
   /context             what the next request would send
   /good [reason]       rate the last answer as good (a reason is optional)
   /bad [reason]        rate the last answer as bad, and say why if you like

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from typing import TYPE_CHECKING, Literal, cast
 
 import httpx2
 
@@ -28,9 +30,16 @@ from core.providers.sdk import SdkImport
 if TYPE_CHECKING:
     # The SDK itself is imported when the provider is built (core/providers/sdk.py).
     import anthropic
-    from anthropic.types import MessageParam
+    from anthropic.types import (
+        Base64ImageSourceParam,
+        ContentBlockParam,
+        ImageBlockParam,
+        MessageParam,
+    )
 
 ANTHROPIC_API_URL = "https://api.anthropic.com"
+#: The image types the messages API takes.
+ImageMediaType = Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
 #: Sent as the key to an ANTHROPIC_BASE_URL server that needs none (a local gateway).
 PLACEHOLDER_API_KEY = "not-needed"
 #: Anthropic's ``stop_reason`` values in ``Usage.finish_reason``'s words; others pass through
@@ -90,11 +99,10 @@ class AnthropicProvider(Provider):
             )
         return self._client
 
-    @property
-    def label(self) -> str:
+    def label_for(self, model: str) -> str:
         if self.endpoint.base_url_is_custom:
-            return f"anthropic ({self.model} at {self.endpoint.base_url})"
-        return super().label
+            return f"anthropic ({model} at {self.endpoint.base_url})"
+        return super().label_for(model)
 
     async def stream(
         self,
@@ -103,17 +111,22 @@ class AnthropicProvider(Provider):
         system: str,
         max_tokens: int,
         usage: Usage | None = None,
+        model: str | None = None,
     ) -> AsyncIterator[str]:
         sdk = await self._sdk.ready()
+        model = model or self.model
+        endpoint = replace(self.endpoint, model=model)
         wire: list[MessageParam] = []
         for message in messages:
-            if message.role == "user":
+            if message.role == "user" and message.images:
+                wire.append({"role": "user", "content": _with_images(message)})
+            elif message.role == "user":
                 wire.append({"role": "user", "content": message.content})
             else:
                 wire.append({"role": "assistant", "content": message.content})
-        with map_anthropic_exceptions(self.endpoint):
+        with map_anthropic_exceptions(endpoint):
             response = await self.client.messages.create(
-                model=self.model,
+                model=model,
                 max_tokens=max_tokens,
                 messages=wire,
                 # The API rejects an empty system text block; no prompt means no field.
@@ -149,6 +162,23 @@ class AnthropicProvider(Provider):
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.close()
+
+
+def _with_images(message: ChatMessage) -> list[ContentBlockParam]:
+    """A user message's images as base64 image blocks, then its text (Anthropic advises images
+    before the question)."""
+    blocks: list[ContentBlockParam] = []
+    for image in message.images:
+        source: Base64ImageSourceParam = {
+            "type": "base64",
+            # core/attachments.py sends only the four types the API takes.
+            "media_type": cast(ImageMediaType, image.media_type),
+            "data": base64.b64encode(image.data).decode("ascii"),
+        }
+        block: ImageBlockParam = {"type": "image", "source": source}
+        blocks.append(block)
+    blocks.append({"type": "text", "text": message.content})
+    return blocks
 
 
 @contextmanager

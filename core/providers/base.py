@@ -17,7 +17,9 @@ class Provider(ABC):
     fill in ``usage`` when the server reports token counts; raise ``TransientProviderError`` (with
     the server's ``retry_after`` when it gave one) for rate limits, 5xx, overload, timeouts and
     dropped connections, and ``PermanentProviderError`` (``ProviderAuthError`` for refused keys)
-    for everything else. SDK exceptions never escape. Providers do not retry: SDK clients are
+    for everything else. ``model`` names the model to ask (None: ``self.model``, the deployment's
+    ``LLM_MODEL``): one provider serves every ``MODELS`` entry of its API. A message's
+    ``images`` are sent as the API's image parts. SDK exceptions never escape. Providers do not retry: SDK clients are
     built with ``max_retries=0`` and ``core/retry.py`` is the one retry layer.
     """
 
@@ -37,7 +39,11 @@ class Provider(ABC):
     @property
     def label(self) -> str:
         """What to call this provider and model when telling users or operators."""
-        return f"{self.name} ({self.model})"
+        return self.label_for(self.model)
+
+    def label_for(self, model: str) -> str:
+        """What to call this provider answering with ``model``."""
+        return f"{self.name} ({model})"
 
     @abstractmethod
     def stream(
@@ -47,6 +53,7 @@ class Provider(ABC):
         system: str,
         max_tokens: int,
         usage: Usage | None = None,
+        model: str | None = None,
     ) -> AsyncIterator[str]:
         """Stream the answer to ``messages`` after the ``system`` prompt, as text deltas."""
 
@@ -57,6 +64,7 @@ class Provider(ABC):
         system: str,
         max_tokens: int,
         usage: Usage | None = None,
+        model: str | None = None,
     ) -> str:
         """The whole answer at once (summaries); built on ``stream``.
 
@@ -66,7 +74,7 @@ class Provider(ABC):
         parts = [
             delta
             async for delta in self.stream(
-                messages, system=system, max_tokens=max_tokens, usage=usage
+                messages, system=system, max_tokens=max_tokens, usage=usage, model=model
             )
         ]
         return "".join(parts)

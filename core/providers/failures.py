@@ -243,7 +243,7 @@ def api_failure_error(failure: ApiFailure, endpoint: Endpoint) -> ProviderError:
             status=status,
         )
     if status == 404:
-        hint = "set LLM_MODEL to a model it serves"
+        hint = "set LLM_MODEL (or its MODELS entry) to a model it serves"
         if endpoint.base_url_is_custom:
             hint += f", and check {endpoint.base_url_setting}={endpoint.base_url}"
         return PermanentProviderError(

@@ -27,6 +27,7 @@ class OfflineRequest:
     messages: tuple[ChatMessage, ...]
     system: str
     max_tokens: int
+    model: str = ""
 
 
 @register
@@ -56,9 +57,10 @@ class OfflineProvider(Provider):
         self._clock = clock
         self._scripts: deque[Script] = deque()
 
-    @property
-    def label(self) -> str:
-        return "offline (scripted demo answers, no model)"
+    def label_for(self, model: str) -> str:
+        if model == self.model:
+            return "offline (scripted demo answers, no model)"
+        return f"offline ({model}: scripted demo answers, no model)"
 
     def enqueue(self, *scripts: Script) -> None:
         """Queue answers; each is streamed by one later request, in order."""
@@ -71,8 +73,11 @@ class OfflineProvider(Provider):
         system: str,
         max_tokens: int,
         usage: Usage | None = None,
+        model: str | None = None,
     ) -> AsyncIterator[str]:
-        self.requests.append(OfflineRequest(tuple(messages), system, max_tokens))
+        self.requests.append(
+            OfflineRequest(tuple(messages), system, max_tokens, model or self.model)
+        )
         script = self._scripts.popleft() if self._scripts else demo_answer(messages)
         produced: list[str] = []
         for item in script:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import httpx2
@@ -28,7 +30,7 @@ from core.providers.sdk import SdkImport
 if TYPE_CHECKING:
     # The SDK itself is imported when the provider is built (core/providers/sdk.py).
     import openai
-    from openai.types.chat import ChatCompletionMessageParam
+    from openai.types.chat import ChatCompletionContentPartParam, ChatCompletionMessageParam
 
 OPENAI_API_URL = "https://api.openai.com/v1"
 #: Sent as the key to an OPENAI_BASE_URL server that needs none (Ollama, llama.cpp): the SDK
@@ -82,11 +84,10 @@ class OpenAIProvider(Provider):
             )
         return self._client
 
-    @property
-    def label(self) -> str:
+    def label_for(self, model: str) -> str:
         if self.endpoint.base_url_is_custom:
-            return f"openai-compatible ({self.model} at {self.endpoint.base_url})"
-        return super().label
+            return f"openai-compatible ({model} at {self.endpoint.base_url})"
+        return super().label_for(model)
 
     async def stream(
         self,
@@ -95,22 +96,27 @@ class OpenAIProvider(Provider):
         system: str,
         max_tokens: int,
         usage: Usage | None = None,
+        model: str | None = None,
     ) -> AsyncIterator[str]:
         await self._sdk.ready()
+        model = model or self.model
+        endpoint = replace(self.endpoint, model=model)
         wire: list[ChatCompletionMessageParam] = []
         if system:
             wire.append({"role": "system", "content": system})
         # Roles alternate on the wire: local servers' chat templates often insist on it.
         for message in alternating(messages):
-            if message.role == "user":
+            if message.role == "user" and message.images:
+                wire.append({"role": "user", "content": _with_images(message)})
+            elif message.role == "user":
                 wire.append({"role": "user", "content": message.content})
             else:
                 wire.append({"role": "assistant", "content": message.content})
-        with map_openai_exceptions(self.endpoint):
-            if self.endpoint.base_url_is_custom:
+        with map_openai_exceptions(endpoint):
+            if endpoint.base_url_is_custom:
                 # Compatible servers all know max_tokens; not all know its successor.
                 response = await self.client.chat.completions.create(
-                    model=self.model,
+                    model=model,
                     messages=wire,
                     max_tokens=max_tokens,
                     stream=True,
@@ -120,7 +126,7 @@ class OpenAIProvider(Provider):
                 # OpenAI's reasoning models reject max_tokens; max_completion_tokens works
                 # for every current OpenAI model.
                 response = await self.client.chat.completions.create(
-                    model=self.model,
+                    model=model,
                     messages=wire,
                     max_completion_tokens=max_tokens,
                     stream=True,
@@ -144,6 +150,17 @@ class OpenAIProvider(Provider):
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.close()
+
+
+def _with_images(message: ChatMessage) -> list[ChatCompletionContentPartParam]:
+    """A user message's text and images as content parts (images as base64 data URLs)."""
+    parts: list[ChatCompletionContentPartParam] = [{"type": "text", "text": message.content}]
+    for image in message.images:
+        data = base64.b64encode(image.data).decode("ascii")
+        parts.append(
+            {"type": "image_url", "image_url": {"url": f"data:{image.media_type};base64,{data}"}}
+        )
+    return parts
 
 
 @contextmanager

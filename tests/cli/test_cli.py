@@ -297,3 +297,29 @@ def test_good_and_bad_rate_the_last_answer_also_in_a_later_run(tmp_path: Path) -
     assert "Rated the last answer as bad, with your reason: “" in later.stdout
     assert "Rated the last answer as good: “" in later.stdout
     assert later.stdout.count("*(offline demo") == 2  # both quote the answer of the first run
+
+
+def test_model_picks_the_model_answering_the_terminal_conversation(tmp_path: Path) -> None:
+    import sqlite3
+
+    script = "/model\n/model gpt-9\n/model Other\nhello\n/model clear\nagain\n/help\n"
+    result = run_chat(tmp_path, script, MODELS="offline:scripted:vision,offline:other")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert (
+        "This conversation uses scripted (the bot's default). The choices: scripted (sees images), other."
+        in out
+    )
+    assert "I don't know the model gpt-9. The choices: scripted (sees images), other." in out
+    assert "Done. This conversation uses other (set for this conversation)." in out
+    assert "Back to the default. This conversation uses scripted (the bot's default)." in out
+    for command in ("/model <name>", "/model clear"):
+        assert command in out
+    with sqlite3.connect(tmp_path / "chat.db") as db:
+        models = db.execute(
+            "SELECT model FROM messages WHERE role = 'assistant' ORDER BY id"
+        ).fetchall()
+    assert models == [
+        ("offline (other: scripted demo answers, no model)",),
+        ("offline (scripted demo answers, no model)",),
+    ]

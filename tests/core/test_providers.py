@@ -682,3 +682,35 @@ async def test_openai_wire_alternates_roles_for_strict_chat_templates(
         ("assistant", "Free some space."),
         ("user", "done"),
     ]
+
+
+# -- the model asked for -------------------------------------------------------------------
+
+
+async def test_stream_asks_for_the_model_given_and_names_it_in_errors(
+    provider: Provider, server: FakeLLMServer
+) -> None:
+    usage = Usage()
+    deltas = [
+        d
+        async for d in provider.stream(
+            QUESTION, system="", max_tokens=64, usage=usage, model="other-model"
+        )
+    ]
+    assert deltas and server.chat_requests()[-1].body["model"] == "other-model"
+    server.enqueue(unknown_model())
+    failed = await run_with_model(provider, "missing-model")
+    assert isinstance(failed, PermanentProviderError) and "'missing-model'" in str(failed)
+    # Without a model the provider's own (LLM_MODEL) is asked for.
+    await run(provider)
+    assert server.chat_requests()[-1].body["model"] == MODEL
+    assert provider.label_for("other-model") == provider.label.replace(MODEL, "other-model")
+
+
+async def run_with_model(provider: Provider, model: str) -> BaseException | None:
+    try:
+        async for _ in provider.stream(QUESTION, system="", max_tokens=64, model=model):
+            pass
+    except Exception as exc:
+        return exc
+    return None
