@@ -29,14 +29,15 @@ import yarl
 from discord import app_commands
 from discord.gateway import DiscordWebSocket
 
-from bots.discord.attachments import with_attachments
+from bots.discord.attachments import attachment
 from bots.discord.feedback import FeedbackButton
-from bots.discord.surface import DiscordReply
+from bots.discord.surface import DiscordReply, place_of
 from core.bot import Budgets, Facts, FrontDoor, PlatformProfile, Route, ThreadLine
 from core.commands import ChannelTarget, Command, HelpStyle, parse_command
 from core.config import Settings
 from core.conversation import ConversationKey
 from core.engine import ChatEngine
+from core.models import model_names
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,29 @@ PROFILE = PlatformProfile(
     channel_rights=MANAGE_CHANNELS_NEEDED,
 )
 THREAD_PERMISSIONS = ("create_public_threads", "send_messages_in_threads")
+#: Discord shows at most 25 autocomplete choices (discord-api-docs "Autocomplete").
+MAX_CHOICES = 25
+#: What ``/model name:clear`` means: back to the default model.
+CLEAR_MODEL = "clear"
+
+
+def model_choices(names: Sequence[str], typed: str) -> list[str]:
+    """The names offered while someone types ``typed`` in ``/model name``: those starting with
+    it (any case), in the settings' order, then ``clear``; at most 25."""
+    prefix = typed.strip().lower()
+    offered = [name for name in names if name.lower().startswith(prefix)]
+    if CLEAR_MODEL.startswith(prefix):
+        offered = [*offered[: MAX_CHOICES - 1], CLEAR_MODEL]
+    return offered[:MAX_CHOICES]
+
+
+def model_command(name: str | None) -> Command:
+    """``/model`` without a name shows, ``/model name:clear`` clears, any other name sets."""
+    if name is None or not name.strip():
+        return Command("model_show")
+    if name.strip().lower() == CLEAR_MODEL:
+        return Command("model_clear")
+    return Command("model_set", name.strip())
 
 
 def bot_intents() -> discord.Intents:
@@ -197,14 +221,17 @@ class DiscordBot(discord.Client):
     async def reopen(self, place: str) -> DiscordReply | None:
         """The surface of a reply a process that died left unfinished (``DiscordReply.place``)."""
         try:
-            channel_id = int(json.loads(place)["channel"])
+            where = json.loads(place)
+            channel_id = int(where["channel"])
+            # Places stored before they named the conversation have no key (then no buttons).
+            key = ConversationKey(PLATFORM, *map(str, where["key"])) if "key" in where else None
             channel = self.get_channel(channel_id) or await self.fetch_channel(channel_id)
         except (ValueError, TypeError, KeyError, discord.HTTPException) as error:
             log.warning("cannot reopen a reply at %r: %s", place, error)
             return None
         if not isinstance(channel, discord.abc.Messageable):
             return None
-        return DiscordReply(channel)
+        return DiscordReply(channel, key=key)
 
     async def _choose_gateway(self) -> None:
         settings = self.settings
@@ -287,6 +314,20 @@ class DiscordBot(discord.Client):
             await self._run_command(interaction, Command("history_clear"))
 
         tree.add_command(history)
+
+        @tree.command(name="model", description="Show or choose the model of this conversation")
+        @app_commands.describe(
+            name="A model to answer from now on, or clear for the default (empty: show)"
+        )
+        async def model(interaction: discord.Interaction, name: str | None = None) -> None:
+            await self._run_command(interaction, model_command(name))
+
+        @model.autocomplete("name")
+        async def model_names_offered(
+            interaction: discord.Interaction, current: str
+        ) -> list[app_commands.Choice[str]]:
+            names = model_choices(model_names(self.settings), current)
+            return [app_commands.Choice(name=name, value=name) for name in names]
 
     async def sync_commands(self) -> bool:
         """Register the commands in DISCORD_COMMAND_GUILDS (instant) or globally, if they changed.
@@ -449,6 +490,8 @@ class DiscordArrival:
         self.message = message
         self.user_id = str(message.author.id)
         self.message_id: str | None = str(message.id)
+        # Read by the front door, which inlines text files and sends images to vision models.
+        self.attachments = tuple(attachment(file) for file in message.attachments)
         channel = message.channel
         thread = isinstance(channel, discord.Thread)
         self.facts = Facts(
@@ -468,13 +511,11 @@ class DiscordArrival:
     def place(self) -> str:
         """Where an answer can go if this turn is taken over before its reply began: the
         message's own channel (``core.bot.Placed``; the reply's surface records the thread)."""
-        return json.dumps({"channel": self.message.channel.id})
+        return place_of(self.message.channel.id, self.key)
 
     async def question(self) -> str:
-        text = self.bot.strip_mentions(self.message)
-        if self.message.attachments:
-            text = await with_attachments(text, self.message.attachments)
-        return text
+        """The message's text, mentions of the bot taken out (files: ``attachments``)."""
+        return self.bot.strip_mentions(self.message)
 
     async def thread(self) -> Sequence[ThreadLine]:
         channel = self.message.channel
@@ -485,14 +526,14 @@ class DiscordArrival:
     async def reply(self, route: Route) -> DiscordReply:
         message, channel = self.message, self.message.channel
         if not route.new_thread:
-            return DiscordReply(channel)
+            return DiscordReply(channel, key=self.key)
         asked = bool(self.bot.strip_mentions(message) or message.attachments)
         if asked and isinstance(channel, discord.TextChannel):
             thread = await self.bot.open_thread(message, channel, self.bot.strip_mentions(message))
             if thread is not None:
-                return DiscordReply(thread)
+                return DiscordReply(thread, key=self.key)
         # No thread (an empty mention, or not allowed here): answer as a reply in the channel.
-        return DiscordReply(channel, reference=message)
+        return DiscordReply(channel, reference=message, key=self.key)
 
     async def may_change_channel(self) -> bool:
         """Whether the writer has Manage Channels here (a thread: in its parent channel)."""

@@ -20,6 +20,7 @@ import discord
 
 from bots.discord.feedback import feedback_view
 from core.bot import Budgets, RateScope
+from core.conversation import ConversationKey
 from core.errors import (
     PermanentSurfaceError,
     SurfaceError,
@@ -105,17 +106,30 @@ def translated_errors(key: str) -> Iterator[None]:
         raise TransientSurfaceError(f"Discord unreachable: {error!r}") from error
 
 
+def place_of(channel_id: int, key: ConversationKey | None) -> str:
+    """A reply's place as stored with its turn: the channel it goes to and its conversation."""
+    place: dict[str, Any] = {"channel": channel_id}
+    if key is not None:
+        place["key"] = [key.workspace, key.channel, key.thread]
+    return json.dumps(place)
+
+
 class DiscordReply:
     """A ``ReplySurface`` over one Discord channel (text channel, thread or DM).
 
     ``reference`` makes the first message a reply to the user's message: used when the bot
-    answers in the channel because it may not open a thread there.
+    answers in the channel because it may not open a thread there. ``key`` is the conversation
+    the reply belongs to.
     """
 
     max_chars = MAX_MESSAGE_CHARS
 
     def __init__(
-        self, channel: discord.abc.Messageable, *, reference: discord.Message | None = None
+        self,
+        channel: discord.abc.Messageable,
+        *,
+        reference: discord.Message | None = None,
+        key: ConversationKey | None = None,
     ) -> None:
         channel_id = getattr(channel, "id", None)
         if not isinstance(channel_id, int):
@@ -123,12 +137,13 @@ class DiscordReply:
         self.channel = channel
         self.channel_id = channel_id
         self.reference = reference
+        self.key = key
         self.message_ids: list[str] = []
 
     @property
     def place(self) -> str:
         """Where this reply goes, stored with the turn so another worker can reopen it."""
-        return json.dumps({"channel": self.channel_id})
+        return place_of(self.channel_id, self.key)
 
     def render(self, text: str) -> str:
         # Discord renders Markdown itself.

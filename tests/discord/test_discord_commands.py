@@ -137,7 +137,14 @@ async def test_commands_sync_globally_once_then_not_again(tmp_path: Path) -> Non
             assert bot.client.commands_synced is True
         assert fake.requests["PUT commands"] == 1
         names = {c["name"] for c in fake.global_commands}
-        assert names == {"reset", "help", "system", "history"}
+        assert names == {"reset", "help", "system", "history", "model"}
+        model = next(c for c in fake.global_commands if c["name"] == "model")
+        [name] = model["options"]
+        assert (name["name"], name["autocomplete"], name.get("required", False)) == (
+            "name",
+            True,
+            False,
+        )
         system = next(c for c in fake.global_commands if c["name"] == "system")
         assert {o["name"] for o in system["options"]} == {"show", "set", "clear"}
         history = next(c for c in fake.global_commands if c["name"] == "history")
@@ -169,6 +176,7 @@ async def test_commands_sync_to_configured_guilds(tmp_path: Path) -> None:
             "help",
             "system",
             "history",
+            "model",
         }
         assert fake.global_commands == []
         async with running_bot(tmp_path, fake=fake, env=env) as bot:

@@ -578,6 +578,8 @@ class FakeDiscord:
                     "application_id": str(self.app_id),
                     "version": str(self.snowflake()),
                     "type": 1,
+                    # Discord answers "" for context-menu commands, which send none.
+                    "description": "",
                     "default_member_permissions": None,
                     "nsfw": False,
                     "options": [],
