@@ -9,6 +9,9 @@ the budget allows. Replies arrive ``together`` (all start and finish at once: th
 final edits at the end) or ``staggered`` (starts spread over one answer's duration, so each
 finishes while the others stream: its final edit competes with their progress edits).
 
+Last, a burst: twenty short answers at once in one Slack-like workspace, with a "Thinking…"
+message first or with a status (``show_typing``) and the first post held until an edit is due.
+
 Strategies:
 - ``per-token``: an edit per token, in order, sleeping on a 429's Retry-After (what an SDK does);
 - ``fixed-1s``: one edit a second per reply, as popular Discord bots do, same 429 handling;
@@ -306,6 +309,74 @@ def p95(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
 
 
+#: The burst: short answers asked at once in one Slack workspace (chat.update 50/min with a
+#: burst of 3, chat.postMessage about 1/s per channel and 5/s per workspace), in 5 channels.
+BURST_REPLIES = 20
+BURST_CHANNELS = 5
+BURST_TOKENS = 40  # about one second of answer
+
+
+class StatusSurface(FakeSurface):
+    """A Slack-like reply surface whose ``show_typing`` sets a status (one call, no wait)."""
+
+    async def show_typing(self) -> bool:
+        self.typing_calls += 1
+        return self.typing
+
+
+def burst(status: bool) -> tuple[int, int, int, float, float]:
+    """Posts, edits, 429s, and the slowest reply's final text after its last token and after
+    the question, for ``BURST_REPLIES`` short answers starting together."""
+    answer = tokens()[:BURST_TOKENS]
+
+    async def main() -> tuple[int, int, int, float, float]:
+        loop = asyncio.get_running_loop()
+        platform = Platform(latency=LATENCY, whole_second_retry_after=True)
+        surfaces = [
+            StatusSurface(
+                platform,
+                typing=status,
+                post_scopes=(
+                    RateScope(f"slack:T:C{n % BURST_CHANNELS}:chat.postMessage", 1.0, 1),
+                    RateScope("slack:T:chat.postMessage", 5.0, 1),
+                ),
+                edit_scopes=(RateScope("slack:T:chat.update", 50 / 60, 3),),
+            )
+            for n in range(BURST_REPLIES)
+        ]
+        budgets = Budgets(now=loop.time)
+        await asyncio.gather(*(ours(surface, answer, budgets) for surface in surfaces))
+        result = measure(platform, surfaces, answer, [0.0] * BURST_REPLIES)
+        slowest_lag = max(result.end_lags)
+        slowest = slowest_lag + answer[-1][0]
+        calls = platform.calls
+        return calls.get("post", 0), calls.get("edit", 0), result.limited, slowest_lag, slowest
+
+    loop = VirtualTimeLoop()
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def print_burst() -> bool:
+    """The burst with and without a status shown before the first text; whether it had no 429."""
+    print(
+        f"\nburst: {BURST_REPLIES} answers of {BURST_TOKENS} tokens at once in one Slack-like "
+        f"workspace, {BURST_CHANNELS} channels"
+    )
+    print(
+        f"{'before the text':24} {'posts':>6} {'edits':>6} {'429s':>5} {'end lag':>8} {'final':>6}"
+    )
+    ok = True
+    for status in (False, True):
+        posts, edits, limited, lag, final = burst(status)
+        label = "status, held first post" if status else "'Thinking…' message"
+        print(f"{label:24} {posts:>6} {edits:>6} {limited:>5} {lag:8.2f} {final:6.2f}")
+        ok = ok and limited == 0
+    return ok
+
+
 def main() -> int:
     header = (
         f"{'platform':8} {'arrivals':9} {'N':>3} {'strategy':10} {'calls':>7} {'429s':>6} "
@@ -327,6 +398,7 @@ def main() -> int:
         "times in seconds; end lag is the worst reply's, p50 the median's; 'ours' passes with "
         "zero 429s, mean staleness within 1.25x of the ideal and end lag within the bound."
     )
+    ok = print_burst() and ok
     return 0 if ok else 1
 
 

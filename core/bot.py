@@ -21,6 +21,10 @@ platform command becomes a ``Command`` with its target. Everything between lives
 - **Thread context** (``seed_context``): one speaker-label convention.
 - **Feedback** (``core.feedback``): once an answer is stored, its buttons are added to the last
   message of the reply, where the surface can show them, paced like the reply's edits.
+- **Stop and regenerate** (``FrontDoor.stop`` / ``FrontDoor.regenerate``): a person stops the
+  answer streaming in a conversation (this worker's at once; another worker's through
+  ``turns.stop_requested_at``, which every worker polls for its live turns), or has the newest
+  answer written again in place of the old one.
 - **Durable turns**: ``admit`` records an accepted question (with the dedupe of its platform
   event, in one transaction) before the adapter acknowledges it, so a database that cannot be
   reached answers "try again" (Slack: 503, and Slack redelivers) instead of losing it; where the
@@ -61,6 +65,13 @@ from core.errors import (
 )
 from core.feedback import Feedback, FeedbackSurface
 from core.limiters import budgets_for
+from core.outcomes import (
+    REGENERATE_BUSY,
+    REGENERATE_FAILED,
+    REGENERATE_NOTHING,
+    REGENERATE_ONLY_NEWEST,
+    STOPPED_NOTE,
+)
 from core.ratelimit import Budgets as Budgets
 
 # What adapters need of pacing and streaming, taken from here with the rest of the front door:
@@ -113,11 +124,16 @@ RECOVERY_MAX_AGE = timedelta(minutes=10)
 RECOVERY_GRACE_SECONDS = 3.0
 #: Takeovers of one turn before it counts as failing for good (each worker died on it).
 MAX_TAKEOVERS = 3
+#: How often a worker with turns in flight reads whether someone asked (on another worker) to
+#: stop one of them: one indexed read for all of its turns.
+STOP_POLL_SECONDS = 0.5
 
 #: Who may change a channel's defaults, said to someone who may not (profiles say their own).
 CHANNEL_RIGHTS_NEEDED = "Only users in ADMIN_USERS can change this channel's defaults."
 
 NativeMode = Literal["auto", "always", "never"]
+#: How a channel's ``streaming`` setting maps onto a profile's native mode (``auto`` stays).
+CHANNEL_STREAMING_MODES: dict[str, NativeMode] = {"native": "always", "update": "never"}
 #: Answers whether the person behind a message or command has the platform's own rights to
 #: change its channel's defaults (Slack: a workspace admin; Discord: Manage Channels).
 ChannelRights = Callable[[], Awaitable[bool]]
@@ -131,8 +147,10 @@ class PlatformProfile:
     (platforms want an answer within about 3 s). ``typing_refresh``: how often a typing
     indicator is renewed while the model is silent. ``native``: what the platform's native
     streams can do (None: it has none); ``native_mode`` how to use them: ``always``, ``never``,
-    or ``auto`` (where the scope allows it and its budgets are idle). ``channel_rights``: who
-    may change a channel's defaults, the answer to someone who may not.
+    or ``auto`` (where the asker is the only reader, the scope allows it and its budgets are
+    idle; a channel's ``streaming`` setting overrides ``auto``: ``native`` is ``always``,
+    ``update`` is ``never``). ``channel_rights``: who may change a channel's defaults, the
+    answer to someone who may not.
     """
 
     name: str
@@ -236,6 +254,11 @@ class Arrival(Protocol):
     ``reply`` the surface the answer goes to (it may open a thread, as ``route.new_thread``
     asks, or answer in place where it may not). ``may_change_channel`` answers, when a typed
     command would change the channel's defaults, whether the writer has the platform's rights.
+
+    An arrival may also have ``private: bool``: the asker is the only reader of the answer (a
+    DM, a Slack assistant thread). With ``native_mode`` ``auto`` an answer streams natively
+    only where it is private (others would see a native stream only when it stops); an arrival
+    without the attribute leaves the choice to admission alone.
     """
 
     facts: Facts
@@ -320,6 +343,9 @@ class FrontDoor:
         # Native streams in progress, and scopes that refused them (``native_mode`` auto).
         self._native_in_flight: Counter[str] = Counter()
         self._native_refused: set[str] = set()
+        # Recorded turns this worker is answering (watched for stop requests), and the watch.
+        self._live: set[int] = set()
+        self._stop_watch: asyncio.Task[None] | None = None
 
     # -- messages --------------------------------------------------------------------------
 
@@ -456,7 +482,8 @@ class FrontDoor:
             # The reply went elsewhere than intake recorded (Discord: the thread it opened).
             update = self.engine.store.update_turn(admission.turn_id, reply_to=surface.place)
             self._in_background(update)
-        return await self.answer(incoming, surface, received=admission.received)
+        private: bool | None = getattr(arrival, "private", None)
+        return await self.answer(incoming, surface, received=admission.received, private=private)
 
     async def answer_without_store(self, surface: ReplySurface, text: str) -> None:
         """Post ``text`` through the streamer alone (the database is out of reach)."""
@@ -472,17 +499,20 @@ class FrontDoor:
         *,
         resume: Sequence[str] = (),
         received: float | None = None,
+        private: bool | None = None,
     ) -> TurnResult:
         """Answer ``incoming`` into ``surface``: the streamer, its budgets, native admission.
 
         With a recorded turn, where the reply goes and what it has posted are recorded as it
-        goes, and the turn's lease is renewed until it ends. ``resume``: messages of a reply
-        taken over from a worker that died, edited in place. ``received``: when the message
-        arrived (``time.monotonic``), for the reply's latency figures and the turn's log line.
+        goes, the turn's lease is renewed until it ends, and a stop asked for on another worker
+        is noticed (``STOP_POLL_SECONDS``). ``resume``: messages of a reply taken over from a
+        worker that died (or of an answer being regenerated), edited in place. ``received``:
+        when the message arrived (``time.monotonic``), for the reply's latency figures and the
+        turn's log line. ``private``: the asker is the only reader (see ``Arrival``).
         """
         turn_id = incoming.turn_id
         # Counted in flight by _native_scope when it says yes; uncounted below.
-        scope = None if resume else await self._native_scope(surface)
+        scope = None if resume else await self._native_scope(surface, incoming.key, private)
         streamer = ReplyStreamer(
             surface,
             self.budgets,
@@ -495,6 +525,8 @@ class FrontDoor:
             observer=self.engine.metrics.calls(self.profile.name),
         )
         lease = None if turn_id is None else asyncio.create_task(self._hold_lease(turn_id))
+        if turn_id is not None:
+            self._watch_for_stop(turn_id)
         try:
             result = await self.engine.handle(incoming, streamer)
             self._report(incoming, result, streamer, received)
@@ -505,6 +537,8 @@ class FrontDoor:
         finally:
             if lease is not None:
                 lease.cancel()
+            if turn_id is not None:
+                self._live.discard(turn_id)
             if scope is not None:
                 self._native_in_flight[scope] -= 1
 
@@ -603,6 +637,132 @@ class FrontDoor:
 
         self.spawn(guarded(), name="turn bookkeeping")
 
+    # -- stop and regenerate ---------------------------------------------------------------
+
+    async def stop(self, key: ConversationKey, *, user_id: str | None = None) -> bool:
+        """Stop the answer streaming in conversation ``key``; whether one was streaming there.
+
+        This worker's answer stops at once; another worker's is asked through the turn's
+        record (``turns.stop_requested_at``) and stops within about a second
+        (``STOP_POLL_SECONDS``). The answer keeps the text it showed, followed by
+        ``STOPPED_NOTE``, and is recorded ``stopped``. Idempotent. ``user_id``: who stopped it
+        (for the log).
+        """
+        store = self.engine.store
+        try:
+            with database_errors():
+                conversation = await store.find(key)
+                if conversation is None:
+                    return False
+                if await self.engine.stop(conversation.id, STOPPED_NOTE):
+                    log.info("%s: answer stopped by %s", key, user_id or "someone")
+                    return True
+                asked = await store.request_stop(conversation.id)
+        except StoreUnavailableError as error:
+            log.warning("%s: stop not passed on (%s)", key, error)
+            return False
+        if asked:
+            log.info("%s: %s asked the worker answering to stop", key, user_id or "someone")
+        return asked
+
+    def _watch_for_stop(self, turn_id: int) -> None:
+        """Watch ``turn_id`` for a stop asked for on another worker, while it runs."""
+        self._live.add(turn_id)
+        if self._stop_watch is None or self._stop_watch.done():
+            self._stop_watch = asyncio.create_task(self._watch_stops(), name="stop requests")
+
+    async def _watch_stops(self) -> None:
+        """While this worker answers recorded turns, read every ``STOP_POLL_SECONDS`` whether
+        someone asked to stop one of them (one read for all), and stop those."""
+        store = self.engine.store
+        while self._live:
+            await asyncio.sleep(STOP_POLL_SECONDS)
+            try:
+                with database_errors():
+                    asked = await store.stop_requests(sorted(self._live))
+                    for turn_id in asked & self._live:
+                        turn = await store.get_turn(turn_id)
+                        stopped = await self.engine.stop(
+                            turn.conversation_id, STOPPED_NOTE, turn_id=turn_id, settle=0
+                        )
+                        if stopped:
+                            log.info("turn %s: stopped as asked on another worker", turn_id)
+                            self._live.discard(turn_id)
+            except StoreUnavailableError as error:
+                log.warning("stop requests not read (%s)", error)
+            except Exception:
+                # The watch must outlive a bug or a closing store: stops are best effort.
+                log.exception("stop requests not read")
+
+    async def regenerate(
+        self, key: ConversationKey, message_id: str, *, user_id: str, surface: ReplySurface
+    ) -> str | None:
+        """Answer again, in place, the question whose answer platform message ``message_id``
+        shows (one of the stored answer's messages); None when regenerating started, else a
+        one-line refusal to show ``user_id`` only.
+
+        Only the newest answer of the conversation may be regenerated, and not while an answer
+        is being written there. The old answer stays stored with status ``replaced`` (never
+        sent as history again); its stored question is answered again, with the current
+        settings, under a new turn record; the new answer streams into the old answer's
+        messages through ``surface`` (a fresh surface for the conversation's thread or channel,
+        as for any answer), surplus old messages are retracted, and the final message is
+        offered the feedback buttons as for any answer.
+        """
+        if self.access.refusal(key.platform, key.channel, user_id, False) == "user":
+            return COMMAND_REFUSALS["user"]
+        store = self.engine.store
+        try:
+            with database_errors():
+                conversation = await store.find(key)
+                if conversation is None:
+                    return REGENERATE_NOTHING
+                if self.engine.answering(conversation.id) or await store.open_turn_count(
+                    conversation.id
+                ):
+                    return REGENERATE_BUSY
+                newest = await store.newest_answer(conversation.id)
+                if newest is None:
+                    return REGENERATE_NOTHING
+                answer, old_turn, shown = newest
+                if message_id not in shown:
+                    return REGENERATE_ONLY_NEWEST
+                question = None if old_turn is None else await store.turn_question(old_turn)
+                if question is None:
+                    # An answer no recorded turn wrote (a thread's seeded context).
+                    return REGENERATE_NOTHING
+                turn = await store.start_regeneration(
+                    answer.id,
+                    question.id,
+                    conversation_id=conversation.id,
+                    platform=key.platform,
+                    question=question.content,
+                    worker=self.worker,
+                    lease_seconds=self.settings.turn_lease_seconds,
+                    user_id=user_id,
+                    reply_to=surface.place if isinstance(surface, Placed) else None,
+                    reply_message_ids=shown,
+                )
+        except StoreUnavailableError as error:
+            log.warning("%s: regenerate failed (%s)", key, error)
+            return REGENERATE_FAILED
+        if turn is None:
+            # Another click got there first: its answer is being written.
+            return REGENERATE_BUSY
+        log.info(
+            "%s: %s regenerates answer %s (turn %s -> %s)",
+            key, user_id, answer.id, old_turn, turn.id,
+        )  # fmt: skip
+        # The question is stored already (it is the new turn's now): it is not added again.
+        incoming = IncomingMessage(
+            key, question.content, user_id, None, allow_commands=False, turn_id=turn.id,
+            taken_over=True,
+        )  # fmt: skip
+        self.spawn(
+            self.answer(incoming, surface, resume=shown), name=f"{key.platform} turn {turn.id}"
+        )
+        return None
+
     # -- recovery --------------------------------------------------------------------------
 
     def start_recovery(self) -> None:
@@ -672,22 +832,32 @@ class FrontDoor:
         problem = await self.engine.store.ping()
         return None if problem is None else f"database unreachable ({problem})"
 
-    async def _native_scope(self, surface: ReplySurface) -> str | None:
+    async def _native_scope(
+        self, surface: ReplySurface, key: ConversationKey, private: bool | None
+    ) -> str | None:
         """The scope this reply streams natively in (counted in flight), or None for edits.
 
-        ``auto`` streams natively except in scopes that refused it and under load: beyond
-        ``NativeStreams.per_scope`` streams at once, or while a start or stop would wait for its
-        budget, in this process or in the budgets shared with other workers (answers of one
-        thread would otherwise land out of order), replies take the edit path instead.
+        The mode is the profile's, unless it is ``auto`` and the channel chose one (its
+        ``streaming`` setting). ``auto`` streams natively only where the reply is private (when
+        the arrival says; a native stream in a channel is live only for its recipient), and
+        not in scopes that refused it nor under load: beyond ``NativeStreams.per_scope`` streams
+        at once, or while a start or stop would wait for its budget, in this process or in the
+        budgets shared with other workers (answers of one thread would otherwise land out of
+        order), replies take the edit path instead.
         """
-        native, mode = self.profile.native, self.profile.native_mode
-        if native is None or mode == "never" or not isinstance(surface, AppendReplySurface):
+        native = self.profile.native
+        if native is None or not isinstance(surface, AppendReplySurface):
             return None
         scope = surface.native_scope
         if not scope:
             return None
+        mode = await self._native_mode(key)
+        if mode == "never":
+            return None
         if mode == "auto" and (
-            scope in self._native_refused or self._native_in_flight[scope] >= native.per_scope
+            private is False
+            or scope in self._native_refused
+            or self._native_in_flight[scope] >= native.per_scope
         ):
             return None
         # Counted before asking the shared budgets, so concurrent replies cannot all pass.
@@ -704,6 +874,22 @@ class FrontDoor:
             self._native_in_flight[scope] -= 1
             return None
         return scope
+
+    async def _native_mode(self, key: ConversationKey) -> NativeMode:
+        """The profile's native mode; for ``auto``, the channel's ``streaming`` choice if any."""
+        mode = self.profile.native_mode
+        if mode != "auto":
+            # Forced by the deployment (SLACK_STREAMING=native|update).
+            return mode
+        try:
+            with database_errors():
+                channel = await self.engine.store.channel_settings(
+                    key.platform, key.workspace, key.channel
+                )
+        except StoreUnavailableError as error:
+            log.warning("%s: channel streaming setting not read (%s)", key, error)
+            return mode
+        return CHANNEL_STREAMING_MODES.get(channel.streaming or "", mode)
 
     def _native_refused_by(self, scope: str) -> None:
         if self.profile.native_mode != "auto":
@@ -808,6 +994,8 @@ class FrontDoor:
     async def close(self, note: str = SHUTDOWN_NOTE) -> None:
         """Take no more work; end every reply in progress with ``note`` and wait for them."""
         self.accepting = False
+        if self._stop_watch is not None:
+            self._stop_watch.cancel()
         if self._recovery is not None:
             # Awaited: a statement cut off while the store closes can hang the interpreter's exit.
             self._recovery.cancel()

@@ -243,6 +243,8 @@ class ChatEngine:
         self._progress: dict[asyncio.Task[object], _Progress] = {}
         # Turns cancelled by a shutdown: their outcome is ``interrupted``, not ``stopped``.
         self._interrupting: set[asyncio.Task[object]] = set()
+        # Turns a person stopped (``stop``): they end with a result instead of a cancellation.
+        self._stopping: set[asyncio.Task[object]] = set()
         # The context size the model's server stated in an overflow error.
         self._learned_context: int | None = None
         # Every turn whose reply has begun, also while it waits for the conversation's lock.
@@ -395,6 +397,19 @@ class ChatEngine:
             progress.settled.set()
             with contextlib.suppress(Exception):
                 await asyncio.shield(reply.cancel(note))
+            if (
+                task is not None
+                and task in self._stopping
+                and not interrupted
+                and task.uncancel() == 0
+            ):
+                # Stopped by a person (``stop``): the turn ended, nothing is being torn down.
+                return TurnResult(
+                    "cancelled",
+                    "".join(progress.parts),
+                    conversation_id=progress.conversation_id,
+                    timings=progress.timings,
+                )
             raise
         finally:
             progress.settled.set()
@@ -402,6 +417,7 @@ class ChatEngine:
             if task is not None:
                 self._cancel_notes.pop(task, None)
                 self._interrupting.discard(task)
+                self._stopping.discard(task)
                 self._progress.pop(task, None)
                 self._begun.discard(task)
 
@@ -1030,6 +1046,44 @@ class ChatEngine:
         return await policy_for(self.settings, channel).load(
             self.store, conversation, system=system
         )
+
+    # -- stop ------------------------------------------------------------------------------------
+
+    def answering(self, conversation_id: int) -> bool:
+        """Whether this process is answering in ``conversation_id`` now (its turn has begun
+        the model's work, holding the conversation)."""
+        return conversation_id in self._active
+
+    async def stop(
+        self,
+        conversation_id: int,
+        note: str,
+        *,
+        turn_id: int | None = None,
+        settle: float = STOP_SETTLE_SECONDS,
+    ) -> bool:
+        """Stop the answer this process is streaming in ``conversation_id`` (only if it is
+        turn ``turn_id``, when given): the reply keeps what it showed, with ``note`` after it,
+        and the answer is stored as shown with status ``stopped`` (the turn's outcome too).
+
+        Waits up to ``settle`` seconds for that to be recorded. True when an answer was
+        streaming (also while a stop of it is under way); False when none was, or it was
+        already complete (being saved). The turn's ``handle`` then returns a ``cancelled``
+        result rather than raising.
+        """
+        task = self._active.get(conversation_id)
+        progress = None if task is None else self._progress.get(task)
+        if task is None or progress is None or task is asyncio.current_task():
+            return False
+        if progress.closing or (turn_id is not None and progress.turn_id != turn_id):
+            return False
+        if task not in self._stopping:
+            self._stopping.add(task)
+            self._cancel_notes[task] = note
+            task.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(progress.settled.wait(), settle)
+        return True
 
 
 def _with_images(messages: list[ChatMessage], images: tuple[ImagePart, ...]) -> list[ChatMessage]:

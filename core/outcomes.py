@@ -133,3 +133,16 @@ def cut_note(max_tokens: int, *, setting_limit: int, context_tokens: int | None)
             f"the room left in the model's {context_tokens:,}-token context, {max_tokens:,} tokens"
         )
     return f"_(cut here: the answer reached {limit}. Say \u201cgo on\u201d for more.)_"
+
+
+#: Shown after an answer someone stopped (its text is kept as shown).
+STOPPED_NOTE = "_Stopped._"
+#: The one-line refusals of a regenerate (shown only to the person who asked).
+REGENERATE_NOTHING = "There is no answer here to regenerate."
+REGENERATE_ONLY_NEWEST = "Only the newest answer of a conversation can be regenerated."
+REGENERATE_BUSY = (
+    "An answer is still being written here: wait for it (or stop it), then regenerate."
+)
+REGENERATE_FAILED = (
+    "I couldn't regenerate this answer: my database is not answering. Please try again in a minute."
+)

@@ -148,6 +148,8 @@ class Budget:
         # Urgent calls granted in a row while ordinary callers waited.
         self._streak = 0
         self.granted = 0
+        # Calls announced but not queued yet (``Budgets.hold``): the scope is not idle.
+        self.held = 0
 
     @property
     def waiting(self) -> int:
@@ -291,6 +293,13 @@ class Budget:
             self._head = None
         self._hand_turn()
 
+    def spent_now(self) -> None:
+        """The token granted earlier is spent only now (a call that waited for another scope
+        after this one's grant): the platform's bucket, full meanwhile, refilled nothing, so
+        neither does this one."""
+        self._refill()
+        self._tokens = min(self._tokens, self.burst - 1)
+
     def pause(self, seconds: float) -> None:
         """Stop the scope for ``seconds`` (a 429's Retry-After); one call may go at the end."""
         until = self._now() + max(0.0, seconds)
@@ -327,6 +336,10 @@ class Budget:
                 else:
                     self._cap = float(remaining)
                     self._cap_until = self._now() + reset_after
+
+
+def _slowest_first(budget: Budget) -> tuple[float, str]:
+    return (budget.per_second, budget.key)
 
 
 def override_matches(pattern: str, key: str) -> bool:
@@ -399,22 +412,38 @@ class Budgets:
     ) -> None:
         """Wait until one call may go in every scope, consuming one token of each.
 
-        Scopes are taken in key order so two calls needing the same pair never hold one each.
+        Scopes are taken one after the other, the slowest (lowest rate) first; a token taken
+        before a wait in a later scope counts as spent when the call goes (``Budget.spent_now``),
+        so the platform, which sees the call only then, never finds that scope over its limit.
         ``urgent`` puts the call ahead of the others in every scope (see ``Budget.acquire``):
         for calls a user is waiting on, such as the one that lands a reply's final text; an
         ``Urgency`` can be escalated while the call waits, without losing its place.
         ``progress`` marks a call that only refreshes what is already shown (an intermediate
         edit): it leaves part of each burst (``Budget.reserve``) for urgent calls.
         """
-        for scope in sorted(set(scopes), key=lambda s: s.key):
-            await self.budget(scope).acquire(urgent=urgent, progress=progress)
+        granted: list[tuple[Budget, float]] = []
+        # The slowest scope first: the wait for a later one is then short, and the earlier
+        # token, granted before that wait, is marked spent when the call really goes.
+        budgets = sorted({self.budget(scope) for scope in scopes}, key=_slowest_first)
+        for budget in budgets:
+            await budget.acquire(urgent=urgent, progress=progress)
+            granted.append((budget, self._now()))
+        now = self._now()
+        for budget, at in granted:
+            if at < now:
+                # It waited in a later scope: this token is spent when the call goes, now.
+                budget.spent_now()
 
-    async def idle(self, scopes: Iterable[RateScope]) -> bool:
+    async def idle(self, scopes: Iterable[RateScope], *, progress: bool = False) -> bool:
         """Whether a call in every scope could go now without queueing: nobody waits for it in
-        this process, its own bucket has a token, and the bucket shared with other processes
-        (if any) has one too. Takes nothing."""
+        this process (nor announced one, ``hold``), its own bucket has a token, and the bucket
+        shared with other processes (if any) has one too. ``progress``: whether a progress call
+        would go now, leaving the scope's reserve for urgent calls. Takes nothing."""
         budgets = [self.budget(scope) for scope in set(scopes)]
-        if any(budget.waiting or budget.delay() for budget in budgets):
+        if any(
+            budget.waiting or budget.held or budget.delay(budget.reserve if progress else 0)
+            for budget in budgets
+        ):
             return False
         if self._shared is None:
             return True
@@ -423,6 +452,37 @@ class Budgets:
             *(shared.available(b.key, b.per_second, b.burst) for b in budgets)
         )
         return not any(waits)
+
+    def delay(self, scopes: Iterable[RateScope], *, progress: bool = False) -> float:
+        """Seconds until a call in every scope could go as far as this process's buckets tell
+        (0: now; ``progress`` leaves the reserve), ignoring queues and other processes. Takes
+        nothing: a hint for when to look again (``idle``)."""
+        return max(
+            (
+                budget.delay(budget.reserve if progress else 0)
+                for budget in (self.budget(scope) for scope in set(scopes))
+            ),
+            default=0.0,
+        )
+
+    def hold(self, scopes: Iterable[RateScope]) -> Callable[[], None]:
+        """Announce a call about to queue in ``scopes``: ``idle`` answers False for them until
+        the returned release is called (once; later calls do nothing). A reply that decided to
+        stream by edits holds its edit scopes until its first edit is granted, so replies
+        deciding at the same moment do not all count on the same idle bucket."""
+        budgets = [self.budget(scope) for scope in set(scopes)]
+        for budget in budgets:
+            budget.held += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                for budget in budgets:
+                    budget.held -= 1
+
+        return release
 
     def pause(self, key: str, seconds: float) -> None:
         """A 429 on ``key``: every reply in the scope waits ``seconds``, in every process."""

@@ -973,6 +973,122 @@ class ConversationStore:
         async with self._sessions() as session:
             return int(await session.scalar(query) or 0)
 
+    # -- stop and regenerate -------------------------------------------------------------------
+
+    async def request_stop(self, conversation_id: int) -> bool:
+        """Ask the worker answering in the conversation to stop (``turns.stop_requested_at`` on
+        its answering turn; the first request's time is kept). False when no turn is answering
+        there."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(TurnRow)
+                .where(TurnRow.conversation_id == conversation_id, TurnRow.status == "answering")
+                .values(stop_requested_at=func.coalesce(TurnRow.stop_requested_at, _now()))
+            )
+        return bool(getattr(result, "rowcount", 0))
+
+    async def stop_requests(self, turn_ids: Sequence[int]) -> set[int]:
+        """Which of these turns someone asked to stop (one indexed read for all of them)."""
+        if not turn_ids:
+            return set()
+        query = select(TurnRow.id).where(
+            TurnRow.id.in_(list(turn_ids)), TurnRow.stop_requested_at.is_not(None)
+        )
+        async with self._sessions() as session:
+            return set(await session.scalars(query))
+
+    async def open_turn_count(self, conversation_id: int) -> int:
+        """How many turns of the conversation are still to be answered or being answered."""
+        query = (
+            select(func.count())
+            .select_from(TurnRow)
+            .where(
+                TurnRow.conversation_id == conversation_id,
+                TurnRow.status.in_(OPEN_TURN_STATUSES),
+            )
+        )
+        async with self._sessions() as session:
+            return int(await session.scalar(query) or 0)
+
+    async def newest_answer(
+        self, conversation_id: int
+    ) -> tuple[StoredMessage, int | None, tuple[str, ...]] | None:
+        """The newest answer of the conversation's current generation that is still sent as
+        history (replaced and failed ones aside): the stored message, the turn that wrote it,
+        and the platform messages showing it (the message's own ids, else its turn's reply,
+        as a stopped answer records only there). None when there is none."""
+        query = (
+            select(MessageRow, TurnRow.reply_message_ids)
+            .outerjoin(TurnRow, TurnRow.id == MessageRow.turn_id)
+            .where(
+                MessageRow.conversation_id == conversation_id,
+                MessageRow.generation == _current_generation(conversation_id),
+                MessageRow.role == "assistant",
+                or_(MessageRow.status.is_(None), MessageRow.status.not_in(UNSENT_STATUSES)),
+            )
+            .order_by(MessageRow.id.desc())
+            .limit(1)
+        )
+        async with self._sessions() as session:
+            found = (await session.execute(query)).first()
+        if found is None:
+            return None
+        row, reply_ids = found
+        shown = row.platform_message_ids or reply_ids or ""
+        return _message(row), row.turn_id, tuple(filter(None, shown.split(",")))
+
+    async def start_regeneration(
+        self,
+        answer_id: int,
+        question_id: int,
+        *,
+        conversation_id: int,
+        platform: str,
+        question: str,
+        worker: str,
+        lease_seconds: float,
+        user_id: str | None,
+        reply_to: str | None,
+        reply_message_ids: Sequence[str],
+    ) -> TurnRecord | None:
+        """In one transaction: mark answer ``answer_id`` ``replaced`` (never sent as history
+        again), open a new turn (``received``, held by ``worker``) that answers stored question
+        ``question_id`` again into ``reply_message_ids``, and make the question that turn's (so
+        ``turn_question`` finds it: it is not stored twice). None, and nothing changed, when the
+        answer was replaced already (another regenerate won)."""
+        now = _now()
+        async with self._sessions.begin() as session:
+            replaced = await session.execute(
+                update(MessageRow)
+                .where(
+                    MessageRow.id == answer_id,
+                    or_(MessageRow.status.is_(None), MessageRow.status.not_in(UNSENT_STATUSES)),
+                )
+                .values(status="replaced")
+            )
+            if not getattr(replaced, "rowcount", 0):
+                return None
+            row = TurnRow(
+                conversation_id=conversation_id,
+                platform=platform,
+                user_id=user_id,
+                question=question,
+                status="received",
+                reply_to=reply_to,
+                reply_message_ids=",".join(reply_message_ids) or None,
+                worker=worker,
+                lease_until=now + timedelta(seconds=lease_seconds),
+                takeovers=0,
+                created_at=now,
+                updated_at=now,
+            )
+            session.add(row)
+            await session.flush()
+            await session.execute(
+                update(MessageRow).where(MessageRow.id == question_id).values(turn_id=row.id)
+            )
+            return _turn(row)
+
     # -- channel defaults ----------------------------------------------------------------------
 
     async def channel_settings(

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from core.errors import (
     PermanentSurfaceError,
@@ -88,6 +88,21 @@ class AppendReplySurface(ReplySurface, Protocol):
         ...
 
 
+@runtime_checkable
+class LiveControls(Protocol):
+    """A surface that shows controls (a Stop button) on a message while it is still streaming.
+
+    The streamer calls ``controls(True)`` right before it posts or edits a message whose text
+    will still change, and ``controls(False)`` right before the call that lands a message's
+    final text (the answer's end, a failure, a cancel or stop, a retracted message, a settled
+    part of a split answer). The surface adds or removes its controls in that very call.
+    """
+
+    def controls(self, live: bool) -> None:
+        """Whether the next post or edit of this reply is of a message still streaming."""
+        ...
+
+
 log = logging.getLogger(__name__)
 
 #: Shown after the text while the answer is still coming (removed by the final edit).
@@ -112,6 +127,12 @@ CALL_RETRY_CAP = 5.0
 #: How often a typing indicator is refreshed while the model is silent, unless the platform's
 #: profile says otherwise (indicators typically lapse after about 10 s).
 TYPING_REFRESH_SECONDS = 8.0
+#: Longest a status (typing indicator) call may take; a slower one counts as not showing.
+STATUS_TIMEOUT_SECONDS = 2.0
+#: While a status shows and the first post is held (see ``ReplyStreamer``), how often the
+#: reply looks again whether a progress edit would go now (bounds, in seconds).
+HOLD_RECHECK_MIN_SECONDS = 0.1
+HOLD_RECHECK_MAX_SECONDS = 1.0
 
 _STREAMING, _FINISHED, _FAILED, _CANCELLED = "streaming", "finished", "failed", "cancelled"
 #: What a resumed message is taken to show: never equal to a target, so it is edited.
@@ -160,6 +181,16 @@ class ReplyStreamer:
     returns the message ids; if the platform stays down it logs the failure with ``log_context``
     and returns what exists, so the engine still stores the full text (``text``).
 
+    A surface whose ``show_typing`` says True shows a status (a typing indicator) meanwhile: the
+    call runs beside the reply, bounded by ``STATUS_TIMEOUT_SECONDS`` (an error, a timeout or
+    False never delays the answer: text that comes first is posted). While the status shows,
+    the first post waits until the answer is complete (then the whole final text goes in one
+    post, with no edit at all) or until a progress edit in the reply's ``"edit"`` scopes would
+    be granted now (``Budgets.idle``): under a burst of replies sharing a scarce edit budget
+    (Slack's chat.update, about 50 a minute per workspace), short answers land whole and the
+    budget is left to the replies that need edits. A ``LiveControls`` surface is told before
+    each post and edit whether the message is still streaming.
+
     Text beyond ``surface.max_chars`` continues in new messages cut by ``core.splitting``; a
     completed message is never edited again (except to replace it with a retried answer). With an
     ``AppendReplySurface`` the reply streams natively and falls back to post + edit when the
@@ -179,6 +210,7 @@ class ReplyStreamer:
         on_posted: Callable[[list[str]], None] | None = None,
         resume: Sequence[str] = (),
         typing_refresh: float = TYPING_REFRESH_SECONDS,
+        status_timeout: float = STATUS_TIMEOUT_SECONDS,
         indicator: str = STREAMING_INDICATOR,
         thinking_text: str = THINKING_TEXT,
         max_call_attempts: int = MAX_CALL_ATTEMPTS,
@@ -201,6 +233,8 @@ class ReplyStreamer:
         self._on_native_refused = on_native_refused
         self._on_posted = on_posted
         self._typing_refresh = typing_refresh
+        self._status_timeout = status_timeout
+        self._controls = surface if isinstance(surface, LiveControls) else None
         self._budgets = budgets
         self._now = now
         self._sleep = sleep
@@ -235,6 +269,13 @@ class ReplyStreamer:
         self._gave_up = False
         # The platform's typing indicator stands in for the "Thinking…" message while it shows.
         self._typing = False
+        # The status call in flight (the first, or a refresh), and when the last one began.
+        self._status: asyncio.Future[bool] | None = None
+        self._status_at = now()
+        # The first post no longer waits for an edit to be due (see the class docstring), and
+        # the announcement of the edit it will need (``Budgets.hold``) until that is granted.
+        self._post_released = False
+        self._release_edit: Callable[[], None] | None = None
         self.calls = 0
         self.rate_limited = 0
         # When (``now``) the first answer text and the final text were shown; None: not yet.
@@ -369,7 +410,8 @@ class ReplyStreamer:
             elif self._append is not None and not self._messages:
                 # A native stream shows its own "working" state; appended text cannot be removed.
                 targets.append(_Target("", False))
-            elif not (self._typing and not self._messages):
+            elif not ((self._typing or self._status is not None) and not self._messages):
+                # (A status call still in flight may yet show the platform's own indicator.)
                 targets.append(_Target(render(self._thinking), False))
         else:
             chunks = self._splitter.chunks(content)
@@ -418,23 +460,26 @@ class ReplyStreamer:
     async def _pump(self) -> None:
         try:
             if self._append is None and self._phase == _STREAMING and not self._parts:
-                self._typing = await self._show_typing()
+                self._start_status()
             while True:
-                # Cleared before planning, so a change from now on interrupts a budget wait.
+                # Cleared before planning, so a change from now on interrupts a budget wait
+                # (and a write from now on ends an idle wait).
                 self._replan.clear()
+                self._wake.clear()
+                self._status_landed()
                 plan = self._plan()
+                if plan is not None and self._holds_first_post(plan):
+                    if await self._budgets.idle(self._surface.scopes("edit"), progress=True):
+                        # Edits are due now: stream by post + edit, announcing the edit.
+                        self._post_released = True
+                        self._release_edit = self._budgets.hold(self._surface.scopes("edit"))
+                    else:
+                        await self._idle(hold=True)
+                        continue
                 if plan is None:
                     if self._phase != _STREAMING:
                         return
-                    self._wake.clear()
-                    if self._typing and not self._messages:
-                        # Nothing posted yet: keep the typing indicator alive while we wait.
-                        try:
-                            await asyncio.wait_for(self._wake.wait(), self._typing_refresh)
-                        except TimeoutError:
-                            self._typing = await self._show_typing()
-                        continue
-                    await self._wake.wait()
+                    await self._idle(hold=False)
                     continue
                 try:
                     done = await self._step(*plan)
@@ -458,6 +503,62 @@ class ReplyStreamer:
             # A bug here must not hang finish() or lose the answer: log it and stop updating.
             log.exception("reply %s: the streamer failed", self._log_context)
             self._give_up("unexpected error in the streamer")
+        finally:
+            self._edit_granted()
+            if self._status is not None:
+                self._status.cancel()
+                self._status = None
+
+    def _holds_first_post(self, plan: tuple[str, int]) -> bool:
+        """Whether the first post of answer text waits (a status shows; see the class docs)."""
+        return (
+            plan == ("post", 0)
+            and self._typing
+            and not self._post_released
+            and not self._messages
+            and self._phase == _STREAMING
+            and bool(self._parts)
+        )
+
+    async def _idle(self, *, hold: bool) -> None:
+        """Wait for something to do: new text or a phase change (``_wake``), the status call's
+        answer, the status's refresh, or (``hold``) the next look at the edit budget."""
+        wake = asyncio.ensure_future(self._wake.wait())
+        waits: list[asyncio.Future[Any]] = [wake]
+        timeout: float | None = None
+        refresh = self._typing and not self._messages and self._status is None
+        if self._status is not None:
+            waits.append(self._status)
+        elif refresh:
+            # Nothing posted yet: keep the typing indicator alive while we wait.
+            timeout = max(0.0, self._status_at + self._typing_refresh - self._now())
+        if hold:
+            due = self._budgets.delay(self._surface.scopes("edit"), progress=True)
+            recheck = min(HOLD_RECHECK_MAX_SECONDS, max(HOLD_RECHECK_MIN_SECONDS, due))
+            timeout = recheck if timeout is None else min(timeout, recheck)
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            wake.cancel()
+        if refresh and self._now() >= self._status_at + self._typing_refresh:
+            self._start_status()
+
+    def _start_status(self) -> None:
+        """Call ``show_typing`` beside the reply (the answer never waits for it)."""
+        self._status_at = self._now()
+        self._status = asyncio.ensure_future(self._show_typing())
+
+    def _status_landed(self) -> None:
+        """Take the status call's answer once it came."""
+        if self._status is not None and self._status.done():
+            self._typing = self._status.result()
+            self._status = None
+
+    def _edit_granted(self) -> None:
+        """The edit announced for the first post was granted (or is no longer needed)."""
+        if self._release_edit is not None:
+            self._release_edit()
+            self._release_edit = None
 
     def _leave_native(self, kind: str, index: int, reason: str) -> bool:
         """After a native-stream call failed for good, land the answer on the edit path instead.
@@ -484,7 +585,8 @@ class ReplyStreamer:
 
     async def _show_typing(self) -> bool:
         try:
-            return await self._surface.show_typing()
+            async with asyncio.timeout(self._status_timeout):
+                return bool(await self._surface.show_typing())
         except Exception:
             # Best effort: without the indicator, the "Thinking…" message goes out instead.
             log.debug("reply %s: typing indicator failed", self._log_context, exc_info=True)
@@ -593,6 +695,8 @@ class ReplyStreamer:
                 replanned.cancel()
                 if acquire.done():
                     acquire.result()
+                    if kind == "edit":
+                        self._edit_granted()
                     return True
         finally:
             if replanned is not None:
@@ -609,6 +713,8 @@ class ReplyStreamer:
     async def _call(self, kind: str, index: int, target: _Target) -> None:
         surface = self._surface
         native = self._append
+        if self._controls is not None:
+            self._controls.controls(not target.complete)
         if kind == "post":
             message_id = await surface.post(target.text)
             self._messages.append(_Message(message_id, target.text, False, self._now()))

@@ -297,6 +297,29 @@ async def test_reset_cancels_the_answer_in_flight_with_a_note(
     assert conversation is not None and await store.history(conversation, limit=None) == []
 
 
+async def test_stop_ends_the_turn_with_a_result_keeping_what_was_shown(
+    settings: Settings, store: ConversationStore
+) -> None:
+    provider = OfflineProvider(settings, delay=0.05)
+    engine = ChatEngine(settings, store, provider)
+    provider.enqueue(["word "] * 100)
+    sink = CollectingSink()
+    turn = asyncio.create_task(engine.handle(message("long please"), sink))
+    while not sink.text:
+        await asyncio.sleep(0.01)
+    conversation = await store.find(KEY)
+    assert conversation is not None and engine.answering(conversation.id)
+    assert await engine.stop(conversation.id, "_Stopped._")
+    result = await turn  # a result, not a cancellation: nothing is being torn down
+    assert result.status == "cancelled" and result.text.startswith("word ")
+    assert sink.cancelled == "_Stopped._"
+    assert not engine.answering(conversation.id)
+    assert not await engine.stop(conversation.id, "_Stopped._")
+    window = await store.history(conversation, limit=None)
+    assert [(m.role, m.status) for m in window] == [("user", None), ("assistant", "stopped")]
+    assert window[1].content == result.text
+
+
 async def test_thread_context_seeds_a_new_conversation(
     engine: ChatEngine, provider: OfflineProvider
 ) -> None:

@@ -772,3 +772,230 @@ def test_final_messages_are_the_text_within_limits_with_balanced_fences(
     assert all(len(message) <= limit for message in messages)
     assert all(balanced(message) for message in messages), messages
     assert reassemble(messages, text) == text
+
+
+# ---- a status while waiting, and the held first post ----------------------------------------
+
+#: A Slack-like edit scope: a small burst, refilled slowly (chat.update: 50 a minute).
+SCARCE_EDITS = (RateScope("edit", 50 / 60, 3),)
+
+
+async def spend(budgets: Budgets, scopes: tuple[RateScope, ...], calls: int) -> None:
+    """Other replies' calls: the scope's burst is spent."""
+    for _ in range(calls):
+        await budgets.acquire(scopes)
+
+
+def test_an_answer_complete_before_an_edit_is_due_is_one_post_and_no_edit() -> None:
+    async def main() -> tuple[dict[str, int], list[str], int, list[tuple[float, str, str]]]:
+        platform = Platform(latency=LATENCY)
+        budgets = Budgets(now=asyncio.get_running_loop().time)
+        await spend(budgets, SCARCE_EDITS, 3)
+        surface = FakeSurface(platform, typing=True, edit_scopes=SCARCE_EDITS)
+        streamer = streamer_for(surface, budgets)
+        await streamer.begin()
+        await feed(streamer, words(20))  # half a second of answer
+        await streamer.finish()
+        return platform.calls, surface.messages(), surface.typing_calls, platform.log
+
+    calls, shown, typing_calls, log = run_virtual(main())
+    assert calls == {"post": 1}
+    assert shown == ["".join(words(20))]
+    assert typing_calls == 1
+    assert [text for _, _, text in log] == ["".join(words(20))]
+
+
+def test_with_a_status_a_long_answer_starts_posting_once_an_edit_is_due() -> None:
+    async def main() -> tuple[Platform, list[str], float]:
+        loop = asyncio.get_running_loop()
+        platform = Platform(latency=LATENCY)
+        budgets = Budgets(now=loop.time)
+        await spend(budgets, SCARCE_EDITS, 3)
+        surface = FakeSurface(platform, typing=True, edit_scopes=SCARCE_EDITS)
+        streamer = streamer_for(surface, budgets)
+        await streamer.begin()
+        await feed(streamer, words(400))  # ten seconds of answer
+        last_token = loop.time()
+        await streamer.finish()
+        return platform, surface.messages(), last_token
+
+    platform, shown, last_token = run_virtual(main())
+    calls, log = platform.calls, platform.log
+    assert shown == ["".join(words(400))]
+    # Posted while the answer was still coming (once edits were due), then edited.
+    first_at, _, first_text = log[0]
+    assert first_at < last_token and first_text.endswith(STREAMING_INDICATOR)
+    assert first_text != THINKING_TEXT
+    assert calls["post"] == 1 and calls["edit"] >= 2
+    assert platform.rate_limited == 0
+
+
+def test_with_a_status_and_idle_edits_the_first_text_is_posted_at_once() -> None:
+    async def main() -> tuple[list[tuple[float, str, str]], list[str]]:
+        platform = Platform(latency=LATENCY)
+        surface = FakeSurface(platform, typing=True, edit_scopes=SCARCE_EDITS)
+        streamer = streamer_for(surface)
+        await streamer.begin()
+        await asyncio.sleep(1.0)
+        await feed(streamer, words(40), gap=0.05)
+        await streamer.finish()
+        return platform.log, surface.messages()
+
+    log, shown = run_virtual(main())
+    assert shown == ["".join(words(40))]
+    first_at, _, first_text = log[0]
+    assert first_text.startswith("w0 ") and first_text.endswith(STREAMING_INDICATOR)
+    assert first_at < 1.0 + 0.05 * 40  # before the answer was complete
+
+
+class BrokenStatus(FakeSurface):
+    """A surface whose status call fails or never answers."""
+
+    def __init__(self, platform: Platform, *, hang: bool) -> None:
+        super().__init__(platform, typing=True)
+        self.hang = hang
+        self.cancelled = False
+
+    async def show_typing(self) -> bool:
+        self.typing_calls += 1
+        if not self.hang:
+            raise TransientSurfaceError("status: 500")
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        return True
+
+
+@pytest.mark.parametrize("hang", [False, True], ids=["raises", "hangs"])
+def test_a_status_that_fails_or_hangs_does_not_delay_the_first_text(hang: bool) -> None:
+    async def main() -> tuple[list[tuple[float, str, str]], list[str]]:
+        platform = Platform(latency=LATENCY)
+        surface = BrokenStatus(platform, hang=hang)
+        streamer = streamer_for(surface)
+        await streamer.begin()
+        await asyncio.sleep(0.5)
+        await feed(streamer, words(10))
+        await streamer.finish()
+        return platform.log, surface.messages()
+
+    log, shown = run_virtual(main())
+    assert shown == ["".join(words(10))]
+    text_at = next(at for at, _, text in log if text.startswith("w0"))
+    # The first token came at 0.525 s: shown one call later, long before the status timed out.
+    assert text_at <= 0.525 + 2 * LATENCY
+    if not hang:
+        assert log[0][2] == THINKING_TEXT  # the failed status: the "Thinking…" message at once
+
+
+def test_a_status_that_never_answers_counts_as_none_after_its_timeout() -> None:
+    async def main() -> tuple[list[tuple[float, str, str]], bool]:
+        platform = Platform(latency=LATENCY)
+        surface = BrokenStatus(platform, hang=True)
+        streamer = streamer_for(surface, status_timeout=2.0)
+        await streamer.begin()
+        await asyncio.sleep(5.0)
+        streamer.write("late")
+        await streamer.finish()
+        return platform.log, surface.cancelled
+
+    log, cancelled = run_virtual(main())
+    assert log[0][2] == THINKING_TEXT and 2.0 <= log[0][0] < 5.0
+    assert cancelled  # the status call was given up, not left running
+
+
+def test_a_burst_of_short_answers_under_a_status_lands_as_one_post_each() -> None:
+    """Twenty short answers at once sharing a workspace's scarce edit budget."""
+
+    async def burst(typing: bool) -> tuple[dict[str, int], int, list[list[str]]]:
+        loop = asyncio.get_running_loop()
+        platform = Platform(latency=LATENCY)
+        budgets = Budgets(now=loop.time)
+        surfaces = [
+            FakeSurface(
+                platform,
+                typing=typing,
+                edit_scopes=SCARCE_EDITS,
+                post_scopes=(RateScope(f"post:{n % 5}", 1.0, 1), RateScope("post", 5.0, 1)),
+            )
+            for n in range(20)
+        ]
+
+        async def reply(surface: FakeSurface) -> None:
+            streamer = streamer_for(surface, budgets)
+            await streamer.begin()
+            await asyncio.sleep(0.4)
+            await feed(streamer, words(30), gap=0.03)
+            await streamer.finish()
+
+        await asyncio.gather(*(reply(surface) for surface in surfaces))
+        return platform.calls, platform.rate_limited, [s.messages() for s in surfaces]
+
+    async def main() -> tuple[tuple[dict[str, int], int, list[list[str]]], ...]:
+        return await burst(True), await burst(False)
+
+    (calls, limited, shown), (thinking_calls, _, thinking_shown) = run_virtual(main())
+    expected = ["".join(words(30))]
+    assert shown == thinking_shown == [expected] * 20
+    assert limited == 0
+    assert calls["post"] == 20
+    # Without a status, the replies whose "Thinking…" went out before their answer was
+    # complete edit it; with one, only the few replies an idle edit budget let stream do.
+    assert calls.get("edit", 0) < thinking_calls["edit"]
+    assert calls.get("edit", 0) <= 3
+
+
+# ---- live controls ---------------------------------------------------------------------------
+
+
+class ControlledSurface(FakeSurface):
+    """A surface with a Stop button while a message streams (``LiveControls``)."""
+
+    def __init__(self, platform: Platform, **kwargs: object) -> None:
+        super().__init__(platform, **kwargs)  # type: ignore[arg-type]
+        self.live: bool | None = None
+        # (message id or "new", live, text) for every post and edit.
+        self.calls: list[tuple[str, bool | None, str]] = []
+
+    def controls(self, live: bool) -> None:
+        self.live = live
+
+    async def post(self, text: str) -> str:
+        live, self.live = self.live, None
+        message_id = await super().post(text)
+        self.calls.append((message_id, live, text))
+        return message_id
+
+    async def edit(self, message_id: str, text: str) -> None:
+        live, self.live = self.live, None
+        await super().edit(message_id, text)
+        self.calls.append((message_id, live, text))
+
+
+@pytest.mark.parametrize("ending", ["finish", "cancel", "fail"])
+def test_live_controls_show_while_a_message_streams_and_go_with_its_final_text(
+    ending: str,
+) -> None:
+    async def main() -> list[tuple[str, bool | None, str]]:
+        platform = Platform(latency=LATENCY)
+        surface = ControlledSurface(platform, max_chars=120)
+        streamer = streamer_for(surface)
+        await streamer.begin()
+        await feed(streamer, words(60))  # 230 characters: two messages
+        if ending == "finish":
+            await streamer.finish()
+        elif ending == "cancel":
+            await streamer.cancel("_Stopped._")
+        else:
+            await streamer.fail("The model is down.")
+        return surface.calls
+
+    calls = run_virtual(main())
+    assert all(live is not None for _, live, _ in calls)  # told before every call
+    assert all(live for _, live, text in calls if text.endswith(STREAMING_INDICATOR))
+    final: dict[str, bool | None] = {}
+    for message_id, live, _ in calls:
+        final[message_id] = live
+    assert len(final) >= 2 and not any(final.values())  # every message ends without controls
+    assert calls[0][1] is True  # "Thinking…" streams too: stoppable at once
