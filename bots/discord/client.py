@@ -16,6 +16,7 @@ into a ``DiscordReply`` and keeps the turns in flight. What is Discord's stays h
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -30,6 +31,7 @@ from discord import app_commands
 from discord.gateway import DiscordWebSocket
 
 from bots.discord.attachments import attachment
+from bots.discord.controls import RegenerateButton, StopButton, key_on
 from bots.discord.feedback import FeedbackButton
 from bots.discord.surface import DiscordReply, place_of
 from core.bot import Budgets, Facts, FrontDoor, PlatformProfile, Route, ThreadLine
@@ -93,6 +95,12 @@ PROFILE = PlatformProfile(
     channel_rights=MANAGE_CHANNELS_NEEDED,
 )
 THREAD_PERMISSIONS = ("create_public_threads", "send_messages_in_threads")
+#: What a click on Stop or Regenerate, or the Regenerate command, says to the clicker alone.
+NOTHING_TO_STOP = "That answer has already finished."
+NOT_AN_ANSWER = (
+    "Only the bot's answers can be regenerated: use Regenerate on an answer's last message."
+)
+ACTION_FAILED = "Sorry, that didn't work. Please try again in a moment."
 #: Discord shows at most 25 autocomplete choices (discord-api-docs "Autocomplete").
 MAX_CHOICES = 25
 #: What ``/model name:clear`` means: back to the default model.
@@ -200,7 +208,7 @@ class DiscordBot(discord.Client):
         )
         self.tree = app_commands.CommandTree(self)
         # Buttons under answers, also those an earlier process posted.
-        self.add_dynamic_items(FeedbackButton)
+        self.add_dynamic_items(FeedbackButton, StopButton, RegenerateButton)
         #: Whether the last start pushed commands to Discord (False: they were up to date).
         self.commands_synced: bool | None = None
         self._add_commands()
@@ -329,6 +337,10 @@ class DiscordBot(discord.Client):
             names = model_choices(model_names(self.settings), current)
             return [app_commands.Choice(name=name, value=name) for name in names]
 
+        @tree.context_menu(name="Regenerate")
+        async def regenerate(interaction: discord.Interaction, message: discord.Message) -> None:
+            await self.regenerate_command(interaction, message)
+
     async def sync_commands(self) -> bool:
         """Register the commands in DISCORD_COMMAND_GUILDS (instant) or globally, if they changed.
 
@@ -392,6 +404,100 @@ class DiscordBot(discord.Client):
             await interaction.edit_original_response(content=answer)
         else:
             await interaction.response.send_message(answer, ephemeral=True)
+
+    # -- Stop and Regenerate -------------------------------------------------------------------
+
+    async def stop_clicked(
+        self, interaction: discord.Interaction[Any], key: ConversationKey
+    ) -> None:
+        """Stop on a streaming answer (``bots.discord.controls.StopButton``)."""
+        # Acknowledged first, within Discord's 3 s (type 6: the message stays as it is).
+        await interaction.response.defer()
+        try:
+            stopped = await self.door.stop(key, user_id=str(interaction.user.id))
+        except Exception:
+            log.exception("stopping the answer in %s failed", key)
+            await interaction.followup.send(ACTION_FAILED, ephemeral=True)
+            return
+        if not stopped:
+            await interaction.followup.send(NOTHING_TO_STOP, ephemeral=True)
+
+    async def regenerate_clicked(
+        self, interaction: discord.Interaction[Any], key: ConversationKey, message_id: str
+    ) -> None:
+        """Regenerate on an answer's last message (``bots.discord.controls.RegenerateButton``)."""
+        await interaction.response.defer()
+        refusal = await self._regenerate(interaction, key, message_id)
+        if refusal is not None:
+            await interaction.followup.send(refusal, ephemeral=True)
+
+    async def regenerate_command(
+        self, interaction: discord.Interaction[Any], message: discord.Message
+    ) -> None:
+        """The message context-menu command "Regenerate" on one of the bot's answers."""
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        key = self.answer_key(interaction, message)
+        if key is None:
+            refusal: str | None = NOT_AN_ANSWER
+        else:
+            refusal = await self._regenerate(interaction, key, str(message.id))
+        if refusal is None:
+            # The answer changing in place says it all: no "thinking" left behind.
+            await interaction.delete_original_response()
+        else:
+            await interaction.edit_original_response(content=refusal[: DiscordReply.max_chars])
+
+    def answer_key(
+        self, interaction: discord.Interaction[Any], message: discord.Message
+    ) -> ConversationKey | None:
+        """The conversation of the bot's answer ``message`` (None: not the bot's, or unknown)."""
+        me = self.user
+        if me is None or message.author.id != me.id:
+            return None
+        key = key_on(message)
+        if key is not None:
+            return key
+        channel = interaction.channel
+        if interaction.guild_id is None:
+            return ConversationKey(PLATFORM, DM_WORKSPACE, str(interaction.channel_id))
+        if isinstance(channel, discord.Thread):
+            return self._thread_key(channel)
+        reference = message.reference
+        if reference is not None and reference.message_id is not None:
+            # An answer in the channel replies to its question, whose id names the conversation.
+            return ConversationKey(
+                PLATFORM,
+                str(interaction.guild_id),
+                str(interaction.channel_id),
+                str(reference.message_id),
+            )
+        return None
+
+    async def _regenerate(
+        self, interaction: discord.Interaction[Any], key: ConversationKey, message_id: str
+    ) -> str | None:
+        """Answer again in place of answer ``message_id``; a refusal for the clicker, or None."""
+        channel: discord.abc.Messageable
+        if isinstance(interaction.channel, discord.abc.Messageable):
+            channel = interaction.channel
+        else:
+            channel = self.get_partial_messageable(
+                interaction.channel_id or int(key.thread or key.channel),
+                guild_id=interaction.guild_id,
+            )
+        surface = DiscordReply(channel, key=key)
+        user_id = str(interaction.user.id)
+
+        async def run() -> str | None:
+            try:
+                return await self.door.regenerate(key, message_id, user_id=user_id, surface=surface)
+            except Exception:
+                log.exception("regenerating answer %s in %s failed", message_id, key)
+                return ACTION_FAILED
+
+        # Work in flight: ``drain`` waits for it, ``close`` ends it.
+        task: asyncio.Task[str | None] = self.door.spawn(run(), name=f"discord regenerate {key}")
+        return await task
 
     # -- messages ------------------------------------------------------------------------------
 

@@ -137,7 +137,10 @@ async def test_commands_sync_globally_once_then_not_again(tmp_path: Path) -> Non
             assert bot.client.commands_synced is True
         assert fake.requests["PUT commands"] == 1
         names = {c["name"] for c in fake.global_commands}
-        assert names == {"reset", "help", "system", "history", "model"}
+        assert names == {"reset", "help", "system", "history", "model", "Regenerate"}
+        # "Regenerate" is a message context-menu command (type 3); /model autocompletes.
+        types = {c["name"]: c.get("type", 1) for c in fake.global_commands}
+        assert types["Regenerate"] == 3 and types["model"] == 1
         model = next(c for c in fake.global_commands if c["name"] == "model")
         [name] = model["options"]
         assert (name["name"], name["autocomplete"], name.get("required", False)) == (
@@ -177,6 +180,7 @@ async def test_commands_sync_to_configured_guilds(tmp_path: Path) -> None:
             "system",
             "history",
             "model",
+            "Regenerate",
         }
         assert fake.global_commands == []
         async with running_bot(tmp_path, fake=fake, env=env) as bot:
