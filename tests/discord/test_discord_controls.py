@@ -13,6 +13,7 @@ from bots.discord.client import NOT_AN_ANSWER
 from bots.discord.controls import REGENERATE_PREFIX, STOP_PREFIX
 from bots.discord.feedback import CUSTOM_ID_PREFIX
 from core.store import MessageRow
+from core.streaming import RETRACTED_TEXT
 from tests.wire.discord.harness import GIVE_UP_AFTER, RunningBot, running_bot
 from tests.wire.discord.server import FakeDiscord, FakeMessage
 
@@ -245,3 +246,27 @@ async def test_a_regenerate_button_posted_before_a_restart_still_works(tmp_path:
             ]
     finally:
         await fake.close()
+
+
+async def test_the_message_command_works_on_any_message_of_a_long_answer(tmp_path: Path) -> None:
+    async with running_bot(tmp_path) as bot:
+        fake = bot.fake
+        dm = fake.add_dm()
+        long_answer = ["word " * 150 + "end.\n\n"] * 4
+        last = await ask(bot, dm, "tell me a lot", long_answer)
+        first, *_ = fake.bot_messages_in(dm)
+        assert first.id != last.id and not first.components
+
+        bot.provider.enqueue(["Short now."])
+        token = await fake.context_menu("Regenerate", first.id)
+        await fake.wait_for(lambda: token in fake.originals_deleted, GIVE_UP_AFTER)
+        await bot.settle()
+
+        # The first message shows the new answer, the others are retracted; one message of
+        # the reply carries the new answer's buttons, none carries Stop.
+        assert first.content == "Short now."
+        shown = fake.bot_messages_in(dm)
+        assert all(m.content == RETRACTED_TEXT for m in shown if m.id != first.id)
+        assert len([m for m in shown if control(m, REGENERATE_PREFIX)]) == 1
+        assert all(control(m, STOP_PREFIX) is None for m in shown)
+        assert [status for _, status in await stored_answers(bot)] == ["replaced", None]
