@@ -158,6 +158,11 @@ async def load_images(
     return tuple(sent), notes
 
 
+def images_refused_note(names: Sequence[str], model: str) -> str:
+    """The line after an answer whose images the model refused (it was asked again without)."""
+    return _note(names, f"{model} refused them: it cannot see images")
+
+
 def _note(names: Sequence[str], reason: str) -> str:
     listed = ", ".join(names)
     verb = "was" if len(names) == 1 else "were"

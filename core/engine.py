@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal, TypeVar
 
-from core.attachments import load_images
+from core.attachments import images_refused_note, load_images
 from core.commands import (
     CANCELLED_BY_RESET,
     HISTORY_TOKENS_RANGE,
@@ -35,6 +35,7 @@ from core.conversation import ChatMessage, ConversationKey, ImagePart, IncomingM
 from core.errors import (
     ConfigError,
     ContextOverflowError,
+    ImagesRefusedError,
     ProviderAuthError,
     ProviderError,
     SurfaceError,
@@ -708,6 +709,24 @@ class ChatEngine:
         self, request: _Request, reply: ReplySink, progress: _Progress, conversation_id: int
     ) -> None:
         """One request under the retry policy; the text goes to ``reply`` and ``progress``."""
+        try:
+            await self._stream_once(request, reply, progress, conversation_id)
+        except ImagesRefusedError as error:
+            if not progress.images:
+                raise
+            # The model cannot see (a MODELS entry marked :vision that is not): answer the
+            # question without its images, and say so after the answer.
+            log.warning("conversation %s: %s; asking again without images", conversation_id, error)
+            names = [image.name for image in progress.images]
+            _, model = self._answering(progress)
+            progress.notes.append(images_refused_note(names, model))
+            progress.images = ()
+            await self._stream_once(request, reply, progress, conversation_id)
+
+    async def _stream_once(
+        self, request: _Request, reply: ReplySink, progress: _Progress, conversation_id: int
+    ) -> None:
+        """One request with the turn's images (if any) under the retry policy."""
         parts = progress.parts
         provider, model = self._answering(progress)
         messages = _with_images(request.window.messages, progress.images)

@@ -75,6 +75,16 @@ class ProviderAuthError(PermanentProviderError):
         self.setting = setting
 
 
+class ImagesRefusedError(PermanentProviderError):
+    """The model refused the request because it carried images (it cannot see them); the same
+    request without the images may be answered.
+
+    A real llama.cpp ``llama-server`` without a vision projector answers HTTP 500 "image input
+    is not supported"; OpenAI answers 400 for a model without vision. Neither is worth retrying
+    as it is.
+    """
+
+
 class ContextOverflowError(PermanentProviderError):
     """The request does not fit the model's context window; the same request never will.
 

@@ -21,6 +21,7 @@ import httpx2
 
 from core.errors import (
     ContextOverflowError,
+    ImagesRefusedError,
     PermanentProviderError,
     ProviderAuthError,
     ProviderError,
@@ -60,6 +61,15 @@ MALFORMED_CHUNK_ERRORS: tuple[type[BaseException], ...] = (json.JSONDecodeError,
 #: long: N tokens > M maximum" and "input length and `max_tokens` exceed context limit",
 #: llama.cpp's ``exceed_context_size_error`` ("request (3031 tokens) exceeds the available
 #: context size (2048 tokens), try increasing it", with ``n_prompt_tokens`` and ``n_ctx``).
+#: What servers say when the model cannot take the request's images: llama.cpp's llama-server
+#: without a vision projector (HTTP 500, seen with SmolLM2 here), OpenAI for a model without
+#: vision (HTTP 400), vLLM for a text-only model, and the wording several others share.
+IMAGES_REFUSED_MARKERS = (
+    "image input is not supported",
+    "image_url is only supported by certain models",
+    "is not a multimodal model",
+    "does not support image",
+)
 CONTEXT_OVERFLOW_MARKERS = (
     "context_length_exceeded",
     "exceed_context_size_error",
@@ -221,12 +231,24 @@ def _first_number(patterns: tuple[re.Pattern[str], ...], text: str) -> int | Non
     return None
 
 
+def refuses_images(failure: ApiFailure) -> bool:
+    """Whether ``failure`` says the model cannot take the request's images."""
+    said = failure.message.lower()
+    return any(marker in said for marker in IMAGES_REFUSED_MARKERS)
+
+
 def api_failure_error(failure: ApiFailure, endpoint: Endpoint) -> ProviderError:
     """Our error for a failure the API reported."""
     vendor, status = endpoint.vendor, failure.status
     said = one_line(failure.message)
     if is_context_overflow(failure):
         return context_overflow_error(failure, endpoint)
+    if status is not None and status >= 400 and refuses_images(failure):
+        # Before the 5xx rule: llama.cpp says it with a 500, and retrying cannot help.
+        return ImagesRefusedError(
+            f"{vendor} says {endpoint.model!r} cannot take images (HTTP {status}): {said}",
+            status=status,
+        )
     if status is None or status < 400:
         # An error event inside a stream the server had accepted: the server's own failure,
         # unless it names a fault of the request.

@@ -29,7 +29,7 @@ from core.ratelimit import Budgets
 from core.reply import CollectingSink
 from core.store import ConversationStore
 from tests.core.test_front_door import ToyChat, ToySurface, shown
-from tests.wire.llm_server import FakeLLMServer
+from tests.wire.llm_server import FakeLLMServer, answer, http_error
 
 KEY = ConversationKey("slack", "T1", "C1", "100.000")
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
@@ -301,3 +301,48 @@ async def test_an_image_reaches_the_server_as_the_apis_image_part(
             },
             {"type": "text", "text": "what is this?"},
         ]
+
+
+@pytest.mark.parametrize(
+    ("status", "said"),
+    [
+        # What a real llama.cpp llama-server without a vision projector answered here.
+        (
+            500,
+            "image input is not supported - hint: if this is unexpected, you may need to "
+            "provide the mmproj",
+        ),
+        (400, "Invalid content type. image_url is only supported by certain models."),
+    ],
+)
+async def test_a_model_that_refuses_images_answers_without_them_and_says_so(
+    status: int, said: str, settings: Settings, store: ConversationStore, server: FakeLLMServer
+) -> None:
+    wired = Settings.from_mapping(
+        {
+            "DATABASE_URL": settings.database_url,
+            "LLM_PROVIDER": "openai",
+            "OPENAI_API_KEY": "sk-test",
+            "OPENAI_BASE_URL": server.openai_base_url,
+            "LLM_MODEL": "smollm2",
+            # Listed as seeing images, but the server behind it cannot.
+            "MODELS": "openai:smollm2:vision",
+        }
+    )
+    server.enqueue(http_error(status, message=said), answer("A question without its picture."))
+    engine = ChatEngine(wired, store, build_provider(wired))
+    try:
+        files = Fetches()
+        incoming = IncomingMessage(
+            KEY, "what is this?", "U1", attachments=(files.file("cat.png", PNG, "image/png"),)
+        )
+        sink = CollectingSink()
+        assert (await engine.handle(incoming, sink)).status == "answered"
+    finally:
+        await engine.close()
+    assert sink.text == "A question without its picture."
+    assert sink.note == "_(cat.png was not sent: smollm2 refused them: it cannot see images)_"
+    first, second = server.chat_requests()
+    assert isinstance(first.body["messages"][-1]["content"], list)
+    # Asked once more, at once, without the image: not retried as a 5xx.
+    assert second.body["messages"][-1]["content"] == "what is this?"

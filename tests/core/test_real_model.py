@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from core.config import Settings
-from core.conversation import ChatMessage, Usage
-from core.errors import ContextOverflowError
+from core.conversation import ChatMessage, ImagePart, Usage
+from core.errors import ContextOverflowError, ImagesRefusedError
 from core.providers.openai import OpenAIProvider
 
 pytestmark = pytest.mark.realmodel
@@ -174,3 +174,20 @@ async def test_a_prompt_longer_than_the_context_is_a_context_overflow(
     assert error.limit == CONTEXT_TOKENS
     assert error.requested is not None and error.requested > CONTEXT_TOKENS
     assert "exceeds the available context size" in str(error)
+
+
+async def test_images_to_a_model_without_vision_are_refused_as_images(
+    provider: OpenAIProvider,
+) -> None:
+    """A real llama-server without a vision projector answers HTTP 500 to an image part: that is
+    ``ImagesRefusedError`` (the engine asks again without the images), not a retried 5xx."""
+    image = ImagePart("dot.png", "image/png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 32)
+    with pytest.raises(ImagesRefusedError) as raised:
+        async for _ in provider.stream(
+            [ChatMessage("user", "What is in this picture?", (image,))],
+            system="You are a helpful assistant.",
+            max_tokens=8,
+        ):
+            pass
+    assert raised.value.status == 500
+    assert "image input is not supported" in str(raised.value)
