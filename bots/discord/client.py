@@ -16,6 +16,7 @@ into a ``DiscordReply`` and keeps the turns in flight. What is Discord's stays h
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -29,14 +30,16 @@ import yarl
 from discord import app_commands
 from discord.gateway import DiscordWebSocket
 
-from bots.discord.attachments import with_attachments
+from bots.discord.attachments import attachment
+from bots.discord.controls import RegenerateButton, StopButton, key_on
 from bots.discord.feedback import FeedbackButton
-from bots.discord.surface import DiscordReply
+from bots.discord.surface import DiscordReply, place_of
 from core.bot import Budgets, Facts, FrontDoor, PlatformProfile, Route, ThreadLine
 from core.commands import ChannelTarget, Command, HelpStyle, parse_command
 from core.config import Settings
 from core.conversation import ConversationKey
 from core.engine import ChatEngine
+from core.models import model_names
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,35 @@ PROFILE = PlatformProfile(
     channel_rights=MANAGE_CHANNELS_NEEDED,
 )
 THREAD_PERMISSIONS = ("create_public_threads", "send_messages_in_threads")
+#: What a click on Stop or Regenerate, or the Regenerate command, says to the clicker alone.
+NOTHING_TO_STOP = "That answer has already finished."
+NOT_AN_ANSWER = (
+    "Only the bot's answers can be regenerated: use Regenerate on an answer's last message."
+)
+ACTION_FAILED = "Sorry, that didn't work. Please try again in a moment."
+#: Discord shows at most 25 autocomplete choices (discord-api-docs "Autocomplete").
+MAX_CHOICES = 25
+#: What ``/model name:clear`` means: back to the default model.
+CLEAR_MODEL = "clear"
+
+
+def model_choices(names: Sequence[str], typed: str) -> list[str]:
+    """The names offered while someone types ``typed`` in ``/model name``: those starting with
+    it (any case), in the settings' order, then ``clear``; at most 25."""
+    prefix = typed.strip().lower()
+    offered = [name for name in names if name.lower().startswith(prefix)]
+    if CLEAR_MODEL.startswith(prefix):
+        offered = [*offered[: MAX_CHOICES - 1], CLEAR_MODEL]
+    return offered[:MAX_CHOICES]
+
+
+def model_command(name: str | None) -> Command:
+    """``/model`` without a name shows, ``/model name:clear`` clears, any other name sets."""
+    if name is None or not name.strip():
+        return Command("model_show")
+    if name.strip().lower() == CLEAR_MODEL:
+        return Command("model_clear")
+    return Command("model_set", name.strip())
 
 
 def bot_intents() -> discord.Intents:
@@ -176,7 +208,7 @@ class DiscordBot(discord.Client):
         )
         self.tree = app_commands.CommandTree(self)
         # Buttons under answers, also those an earlier process posted.
-        self.add_dynamic_items(FeedbackButton)
+        self.add_dynamic_items(FeedbackButton, StopButton, RegenerateButton)
         #: Whether the last start pushed commands to Discord (False: they were up to date).
         self.commands_synced: bool | None = None
         self._add_commands()
@@ -197,14 +229,17 @@ class DiscordBot(discord.Client):
     async def reopen(self, place: str) -> DiscordReply | None:
         """The surface of a reply a process that died left unfinished (``DiscordReply.place``)."""
         try:
-            channel_id = int(json.loads(place)["channel"])
+            where = json.loads(place)
+            channel_id = int(where["channel"])
+            # Places stored before they named the conversation have no key (then no buttons).
+            key = ConversationKey(PLATFORM, *map(str, where["key"])) if "key" in where else None
             channel = self.get_channel(channel_id) or await self.fetch_channel(channel_id)
         except (ValueError, TypeError, KeyError, discord.HTTPException) as error:
             log.warning("cannot reopen a reply at %r: %s", place, error)
             return None
         if not isinstance(channel, discord.abc.Messageable):
             return None
-        return DiscordReply(channel)
+        return DiscordReply(channel, key=key)
 
     async def _choose_gateway(self) -> None:
         settings = self.settings
@@ -288,6 +323,24 @@ class DiscordBot(discord.Client):
 
         tree.add_command(history)
 
+        @tree.command(name="model", description="Show or choose the model of this conversation")
+        @app_commands.describe(
+            name="A model to answer from now on, or clear for the default (empty: show)"
+        )
+        async def model(interaction: discord.Interaction, name: str | None = None) -> None:
+            await self._run_command(interaction, model_command(name))
+
+        @model.autocomplete("name")
+        async def model_names_offered(
+            interaction: discord.Interaction, current: str
+        ) -> list[app_commands.Choice[str]]:
+            names = model_choices(model_names(self.settings), current)
+            return [app_commands.Choice(name=name, value=name) for name in names]
+
+        @tree.context_menu(name="Regenerate")
+        async def regenerate(interaction: discord.Interaction, message: discord.Message) -> None:
+            await self.regenerate_command(interaction, message)
+
     async def sync_commands(self) -> bool:
         """Register the commands in DISCORD_COMMAND_GUILDS (instant) or globally, if they changed.
 
@@ -351,6 +404,100 @@ class DiscordBot(discord.Client):
             await interaction.edit_original_response(content=answer)
         else:
             await interaction.response.send_message(answer, ephemeral=True)
+
+    # -- Stop and Regenerate -------------------------------------------------------------------
+
+    async def stop_clicked(
+        self, interaction: discord.Interaction[Any], key: ConversationKey
+    ) -> None:
+        """Stop on a streaming answer (``bots.discord.controls.StopButton``)."""
+        # Acknowledged first, within Discord's 3 s (type 6: the message stays as it is).
+        await interaction.response.defer()
+        try:
+            stopped = await self.door.stop(key, user_id=str(interaction.user.id))
+        except Exception:
+            log.exception("stopping the answer in %s failed", key)
+            await interaction.followup.send(ACTION_FAILED, ephemeral=True)
+            return
+        if not stopped:
+            await interaction.followup.send(NOTHING_TO_STOP, ephemeral=True)
+
+    async def regenerate_clicked(
+        self, interaction: discord.Interaction[Any], key: ConversationKey, message_id: str
+    ) -> None:
+        """Regenerate on an answer's last message (``bots.discord.controls.RegenerateButton``)."""
+        await interaction.response.defer()
+        refusal = await self._regenerate(interaction, key, message_id)
+        if refusal is not None:
+            await interaction.followup.send(refusal, ephemeral=True)
+
+    async def regenerate_command(
+        self, interaction: discord.Interaction[Any], message: discord.Message
+    ) -> None:
+        """The message context-menu command "Regenerate" on one of the bot's answers."""
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        key = self.answer_key(interaction, message)
+        if key is None:
+            refusal: str | None = NOT_AN_ANSWER
+        else:
+            refusal = await self._regenerate(interaction, key, str(message.id))
+        if refusal is None:
+            # The answer changing in place says it all: no "thinking" left behind.
+            await interaction.delete_original_response()
+        else:
+            await interaction.edit_original_response(content=refusal[: DiscordReply.max_chars])
+
+    def answer_key(
+        self, interaction: discord.Interaction[Any], message: discord.Message
+    ) -> ConversationKey | None:
+        """The conversation of the bot's answer ``message`` (None: not the bot's, or unknown)."""
+        me = self.user
+        if me is None or message.author.id != me.id:
+            return None
+        key = key_on(message)
+        if key is not None:
+            return key
+        channel = interaction.channel
+        if interaction.guild_id is None:
+            return ConversationKey(PLATFORM, DM_WORKSPACE, str(interaction.channel_id))
+        if isinstance(channel, discord.Thread):
+            return self._thread_key(channel)
+        reference = message.reference
+        if reference is not None and reference.message_id is not None:
+            # An answer in the channel replies to its question, whose id names the conversation.
+            return ConversationKey(
+                PLATFORM,
+                str(interaction.guild_id),
+                str(interaction.channel_id),
+                str(reference.message_id),
+            )
+        return None
+
+    async def _regenerate(
+        self, interaction: discord.Interaction[Any], key: ConversationKey, message_id: str
+    ) -> str | None:
+        """Answer again in place of answer ``message_id``; a refusal for the clicker, or None."""
+        channel: discord.abc.Messageable
+        if isinstance(interaction.channel, discord.abc.Messageable):
+            channel = interaction.channel
+        else:
+            channel = self.get_partial_messageable(
+                interaction.channel_id or int(key.thread or key.channel),
+                guild_id=interaction.guild_id,
+            )
+        surface = DiscordReply(channel, key=key)
+        user_id = str(interaction.user.id)
+
+        async def run() -> str | None:
+            try:
+                return await self.door.regenerate(key, message_id, user_id=user_id, surface=surface)
+            except Exception:
+                log.exception("regenerating answer %s in %s failed", message_id, key)
+                return ACTION_FAILED
+
+        # Work in flight: ``drain`` waits for it, ``close`` ends it.
+        task: asyncio.Task[str | None] = self.door.spawn(run(), name=f"discord regenerate {key}")
+        return await task
 
     # -- messages ------------------------------------------------------------------------------
 
@@ -449,6 +596,8 @@ class DiscordArrival:
         self.message = message
         self.user_id = str(message.author.id)
         self.message_id: str | None = str(message.id)
+        # Read by the front door, which inlines text files and sends images to vision models.
+        self.attachments = tuple(attachment(file) for file in message.attachments)
         channel = message.channel
         thread = isinstance(channel, discord.Thread)
         self.facts = Facts(
@@ -468,13 +617,11 @@ class DiscordArrival:
     def place(self) -> str:
         """Where an answer can go if this turn is taken over before its reply began: the
         message's own channel (``core.bot.Placed``; the reply's surface records the thread)."""
-        return json.dumps({"channel": self.message.channel.id})
+        return place_of(self.message.channel.id, self.key)
 
     async def question(self) -> str:
-        text = self.bot.strip_mentions(self.message)
-        if self.message.attachments:
-            text = await with_attachments(text, self.message.attachments)
-        return text
+        """The message's text, mentions of the bot taken out (files: ``attachments``)."""
+        return self.bot.strip_mentions(self.message)
 
     async def thread(self) -> Sequence[ThreadLine]:
         channel = self.message.channel
@@ -485,14 +632,14 @@ class DiscordArrival:
     async def reply(self, route: Route) -> DiscordReply:
         message, channel = self.message, self.message.channel
         if not route.new_thread:
-            return DiscordReply(channel)
+            return DiscordReply(channel, key=self.key)
         asked = bool(self.bot.strip_mentions(message) or message.attachments)
         if asked and isinstance(channel, discord.TextChannel):
             thread = await self.bot.open_thread(message, channel, self.bot.strip_mentions(message))
             if thread is not None:
-                return DiscordReply(thread)
+                return DiscordReply(thread, key=self.key)
         # No thread (an empty mention, or not allowed here): answer as a reply in the channel.
-        return DiscordReply(channel, reference=message)
+        return DiscordReply(channel, reference=message, key=self.key)
 
     async def may_change_channel(self) -> bool:
         """Whether the writer has Manage Channels here (a thread: in its parent channel)."""

@@ -1,5 +1,9 @@
 """DiscordReply: one answer's messages in a Discord channel, thread or DM, as the streamer drives it.
 
+While a message streams it carries a Stop button (``controls``, ``core.streaming.LiveControls``);
+the call that lands its final text takes every button off, and the answer's last message then
+gets the feedback buttons and Regenerate in one edit (``offer_feedback``). No call may ping.
+
 Also the two things that connect discord.py's HTTP layer to the shared pacing budgets: the rate
 scopes of a channel (``channel_scopes``) and an aiohttp trace (``rate_limit_trace``) that feeds
 Discord's ``X-RateLimit-*`` headers, and its 429s, to the budgets of the same scopes.
@@ -18,8 +22,10 @@ from typing import Any, Literal
 import aiohttp
 import discord
 
+from bots.discord.controls import RegenerateButton, stop_view
 from bots.discord.feedback import feedback_view
 from core.bot import Budgets, RateScope
+from core.conversation import ConversationKey
 from core.errors import (
     PermanentSurfaceError,
     SurfaceError,
@@ -105,17 +111,30 @@ def translated_errors(key: str) -> Iterator[None]:
         raise TransientSurfaceError(f"Discord unreachable: {error!r}") from error
 
 
+def place_of(channel_id: int, key: ConversationKey | None) -> str:
+    """A reply's place as stored with its turn: the channel it goes to and its conversation."""
+    place: dict[str, Any] = {"channel": channel_id}
+    if key is not None:
+        place["key"] = [key.workspace, key.channel, key.thread]
+    return json.dumps(place)
+
+
 class DiscordReply:
     """A ``ReplySurface`` over one Discord channel (text channel, thread or DM).
 
     ``reference`` makes the first message a reply to the user's message: used when the bot
-    answers in the channel because it may not open a thread there.
+    answers in the channel because it may not open a thread there. ``key``, the conversation the
+    reply belongs to, is what the Stop and Regenerate buttons name (without it there are none).
     """
 
     max_chars = MAX_MESSAGE_CHARS
 
     def __init__(
-        self, channel: discord.abc.Messageable, *, reference: discord.Message | None = None
+        self,
+        channel: discord.abc.Messageable,
+        *,
+        reference: discord.Message | None = None,
+        key: ConversationKey | None = None,
     ) -> None:
         channel_id = getattr(channel, "id", None)
         if not isinstance(channel_id, int):
@@ -123,12 +142,23 @@ class DiscordReply:
         self.channel = channel
         self.channel_id = channel_id
         self.reference = reference
+        self.key = key
         self.message_ids: list[str] = []
+        # Whether the next post or edit shows text still streaming (it then carries Stop).
+        self._live = False
 
     @property
     def place(self) -> str:
         """Where this reply goes, stored with the turn so another worker can reopen it."""
-        return json.dumps({"channel": self.channel_id})
+        return place_of(self.channel_id, self.key)
+
+    def controls(self, live: bool) -> None:
+        """``core.streaming.LiveControls``: whether the next call shows streaming text (with the
+        Stop button) or a message's final text (every button taken off)."""
+        self._live = live
+
+    def _stop_view(self) -> discord.ui.View | None:
+        return stop_view(self.key) if self._live and self.key is not None else None
 
     def render(self, text: str) -> str:
         # Discord renders Markdown itself.
@@ -140,6 +170,7 @@ class DiscordReply:
     async def post(self, text: str) -> str:
         # Only the first message of the reply points at the question; continuations follow it.
         reference = self.reference if not self.message_ids else None
+        view = self._stop_view()
         with translated_errors(scope_key(self.channel_id, "post")):
             if reference is not None:
                 message = await self.channel.send(
@@ -147,27 +178,37 @@ class DiscordReply:
                     reference=reference,
                     mention_author=False,
                     allowed_mentions=discord.AllowedMentions.none(),
+                    view=view,  # type: ignore[arg-type]
                 )
             else:
                 message = await self.channel.send(
-                    text, allowed_mentions=discord.AllowedMentions.none()
+                    text,
+                    allowed_mentions=discord.AllowedMentions.none(),
+                    view=view,  # type: ignore[arg-type]
                 )
         self.message_ids.append(str(message.id))
         return str(message.id)
 
     async def edit(self, message_id: str, text: str) -> None:
-        partial = discord.PartialMessage(channel=self.channel, id=int(message_id))  # type: ignore[arg-type]
-        with translated_errors(scope_key(self.channel_id, "edit")):
-            await partial.edit(content=text, allowed_mentions=discord.AllowedMentions.none())
-
-    async def offer_feedback(self, reply_id: int, message_id: str, shown: str) -> None:
-        """The two feedback buttons on the answer's last message: an edit that sends only the
-        view, so the text stays exactly as shown (``shown`` is not needed)."""
+        """Replace a message's text; while it streams it carries Stop, else no button at all
+        (also the buttons of an answer being regenerated in place, or retracted)."""
         partial = discord.PartialMessage(channel=self.channel, id=int(message_id))  # type: ignore[arg-type]
         with translated_errors(scope_key(self.channel_id, "edit")):
             await partial.edit(
-                view=feedback_view(reply_id), allowed_mentions=discord.AllowedMentions.none()
+                content=text,
+                view=self._stop_view(),
+                allowed_mentions=discord.AllowedMentions.none(),
             )
+
+    async def offer_feedback(self, reply_id: int, message_id: str, shown: str) -> None:
+        """The feedback buttons and Regenerate on the answer's last message: one edit that
+        sends only the view, so the text stays exactly as shown (``shown`` is not needed)."""
+        view = feedback_view(reply_id)
+        if self.key is not None:
+            view.add_item(RegenerateButton(self.key))
+        partial = discord.PartialMessage(channel=self.channel, id=int(message_id))  # type: ignore[arg-type]
+        with translated_errors(scope_key(self.channel_id, "edit")):
+            await partial.edit(view=view, allowed_mentions=discord.AllowedMentions.none())
 
     async def show_typing(self) -> bool:
         # One typing call shows the indicator for 10 s or until the bot's next message.

@@ -137,7 +137,17 @@ async def test_commands_sync_globally_once_then_not_again(tmp_path: Path) -> Non
             assert bot.client.commands_synced is True
         assert fake.requests["PUT commands"] == 1
         names = {c["name"] for c in fake.global_commands}
-        assert names == {"reset", "help", "system", "history"}
+        assert names == {"reset", "help", "system", "history", "model", "Regenerate"}
+        # "Regenerate" is a message context-menu command (type 3); /model autocompletes.
+        types = {c["name"]: c.get("type", 1) for c in fake.global_commands}
+        assert types["Regenerate"] == 3 and types["model"] == 1
+        model = next(c for c in fake.global_commands if c["name"] == "model")
+        [name] = model["options"]
+        assert (name["name"], name["autocomplete"], name.get("required", False)) == (
+            "name",
+            True,
+            False,
+        )
         system = next(c for c in fake.global_commands if c["name"] == "system")
         assert {o["name"] for o in system["options"]} == {"show", "set", "clear"}
         history = next(c for c in fake.global_commands if c["name"] == "history")
@@ -169,6 +179,8 @@ async def test_commands_sync_to_configured_guilds(tmp_path: Path) -> None:
             "help",
             "system",
             "history",
+            "model",
+            "Regenerate",
         }
         assert fake.global_commands == []
         async with running_bot(tmp_path, fake=fake, env=env) as bot:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bots.discord.attachments import MAX_ATTACHMENT_BYTES
+from core.attachments import MAX_ATTACHMENT_BYTES
 from core.engine import EMPTY_MESSAGE_HINT
 from core.errors import TransientProviderError
 from tests.wire.discord.harness import running_bot
@@ -49,18 +49,18 @@ async def test_100_kb_attachment_within_budget_is_read_and_answered(tmp_path: Pa
         fake = bot.fake
         body = ("line of the log\n" * (HUNDRED_KB // 16)).encode()
         attachment = fake.add_attachment("build.log", body, "text/plain")
-        picture = fake.add_attachment("screen.png", b"\x89PNG", "image/png")
+        binary = fake.add_attachment("core.bin", b"\x00\x01", "application/octet-stream")
         huge = fake.add_attachment("dump.txt", b"y" * (MAX_ATTACHMENT_BYTES + 1), "text/plain")
         bot.provider.enqueue(["It builds fine."])
         question = await fake.send_message(
-            fake.text_channel, "summarise", attachments=[attachment, picture, huge]
+            fake.text_channel, "summarise", attachments=[attachment, binary, huge]
         )
         await bot.answered(int(question["id"]), "It builds fine.")
         sent = bot.provider.requests[0].messages[-1].content
         assert sent.startswith("summarise")
         assert "--- build.log ---" in sent
         assert sent.count("line of the log") == HUNDRED_KB // 16
-        assert "screen.png not read" in sent
+        assert "core.bin not read" in sent
         assert "dump.txt not read" in sent
         assert "yyyy" not in sent
 

@@ -193,7 +193,7 @@ async def test_operator_starts_the_bot_it_answers_in_a_thread_and_restarts(
             assert fake.requests["GET gateway/bot"] == 1
             assert fake.requests["PUT commands"] == 1
             assert {c["name"] for c in fake.global_commands} == {
-                "reset", "help", "system", "history"
+                "reset", "help", "system", "history", "model", "Regenerate"
             }  # fmt: skip
 
             message = await fake.send_message(fake.text_channel, question)

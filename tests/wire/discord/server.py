@@ -5,15 +5,17 @@ One aiohttp server on 127.0.0.1 serves both:
 - REST under ``/api/v10`` (``DISCORD_API_URL``): users/@me, oauth2/applications/@me, gateway/bot,
   channel messages (POST, PATCH, GET), threads started from a message (second start answers code
   160004), typing, application commands (global and guild; GET and PUT bulk overwrite),
-  interaction callbacks, the original interaction response (PATCH) and followups. Every message's
-  successive contents are recorded. Per-channel buckets answer real 429s (JSON ``retry_after``,
+  interaction callbacks (recorded with when they came, ``acknowledged_after``), the original
+  interaction response (PATCH, DELETE) and followups. Attachments are hosted like Discord's CDN
+  (``add_attachment``; downloads counted). Every message's successive contents are recorded. Per-channel buckets answer real 429s (JSON ``retry_after``,
   ``X-RateLimit-*`` headers and the ``Via: 1.1 google`` header discord.py checks for), as does the
   50 requests per second bot-wide cap. ``answer_next`` makes a message post or edit answer any
   status with a body that is not Discord's JSON (a proxy's HTML or plain-text page, or nothing).
 - The gateway over a websocket at ``/gateway``: HELLO, IDENTIFY -> READY (with ``session_id`` and
   ``resume_gateway_url``) then GUILD_CREATE, heartbeat ACKs, dispatch on demand
-  (``dispatch``/``send_message``/``send_interaction``; button clicks ``click`` and modal submits
-  ``submit_modal``), RECONNECT followed by RESUME with replay of
+  (``dispatch``/``send_message``/``send_interaction``; button clicks ``click``, modal submits
+  ``submit_modal``, message context-menu commands ``context_menu`` and autocomplete
+  ``autocomplete`` with its ``choices``), RECONNECT followed by RESUME with replay of
   the missed events (``force_reconnect``), and close code 4014 for refused privileged intents.
 """
 
@@ -84,6 +86,8 @@ class FakeMessage:
     times: list[float] = field(default_factory=list)
     #: The message's components now (buttons), as the last post or edit that set them.
     components: list[Json] = field(default_factory=list)
+    #: The files a person attached to the message (Discord's attachment objects).
+    attachments: list[Json] = field(default_factory=list)
 
     def custom_ids(self) -> list[str]:
         """The custom ids of the message's buttons, in order."""
@@ -166,9 +170,17 @@ class FakeDiscord:
         self.no_thread_permission: set[int] = set()
         self.global_commands: list[Json] = []
         self.guild_commands: dict[int, list[Json]] = defaultdict(list)
+        #: Every interaction callback (the interaction's response), with ``at``: when it came.
         self.callbacks: list[Json] = []
+        #: When each interaction was dispatched, by token (the fake's clock).
+        self.interaction_times: dict[str, float] = {}
         self.original_edits: dict[str, list[str]] = defaultdict(list)
+        self.originals_deleted: set[str] = set()
         self.followups: dict[str, list[str]] = defaultdict(list)
+        #: The followups' bodies as sent (their ``flags`` say whether they were ephemeral).
+        self.followup_bodies: dict[str, list[Json]] = defaultdict(list)
+        #: Downloads of hosted attachments, by path.
+        self.downloads: Counter[str] = Counter()
         self.requests: Counter[str] = Counter()
         self.rate_limited: Counter[str] = Counter()
         self.thread_starts: Counter[int] = Counter()
@@ -476,9 +488,14 @@ class FakeDiscord:
                 self.requests["PATCH @original"] += 1
                 self.original_edits[token].append(body.get("content", ""))
                 return self._ok(self._message_json(self._interaction_message(token, body)))
+            if method == "DELETE" and p[3:] == ["messages", "@original"]:
+                self.requests["DELETE @original"] += 1
+                self.originals_deleted.add(token)
+                return self._ok(None)
             if method == "POST" and len(p) == 3:
                 self.requests["POST followup"] += 1
                 self.followups[token].append(body.get("content", ""))
+                self.followup_bodies[token].append(body)
                 return self._ok(self._message_json(self._interaction_message(token, body)))
         return self._error(404, 0, f"404: Not Found ({method} {'/'.join(parts)})")
 
@@ -561,6 +578,8 @@ class FakeDiscord:
                     "application_id": str(self.app_id),
                     "version": str(self.snowflake()),
                     "type": 1,
+                    # Discord answers "" for context-menu commands, which send none.
+                    "description": "",
                     "default_member_permissions": None,
                     "nsfw": False,
                     "options": [],
@@ -574,7 +593,7 @@ class FakeDiscord:
 
     def _callback(self, iid: str, token: str, body: Json) -> web.Response:
         self.requests["POST callback"] += 1
-        self.callbacks.append({"id": iid, "token": token, **body})
+        self.callbacks.append({"id": iid, "token": token, "at": self.clock(), **body})
         data = body.get("data") or {}
         kind = body.get("type")
         if kind == 4:
@@ -615,6 +634,7 @@ class FakeDiscord:
         data = self.attachments.get(request.path)
         if data is None:
             return web.Response(status=404)
+        self.downloads[request.path] += 1
         return web.Response(body=data)
 
     # ---- messages ----------------------------------------------------------------------------
@@ -641,7 +661,7 @@ class FakeDiscord:
             "mention_everyone": False,
             "mentions": [],
             "mention_roles": [],
-            "attachments": [],
+            "attachments": msg.attachments,
             "embeds": [],
             "pinned": False,
             "type": 19 if msg.reference else 0,
@@ -676,11 +696,11 @@ class FakeDiscord:
         if mention_role:
             text = f"<@&{self.bot_role_id}> {content}"
         msg = self._store_message(channel_id, author, text, {})
+        msg.attachments = list(attachments or [])
         data = self._message_json(msg)
         data["type"] = message_type
         data["mentions"] = [self.bot] if mention else []
         data["mention_roles"] = [str(self.bot_role_id)] if mention_role else []
-        data["attachments"] = attachments or []
         if webhook_id is not None:
             data["webhook_id"] = str(webhook_id)
         if "guild_id" in data:
@@ -711,19 +731,96 @@ class FakeDiscord:
         user: Json | None = None,
     ) -> str:
         """Dispatch an app command invocation; return its token (key of ``original_edits``)."""
-        user = user or self.owner
+        command = self._command_data(name, subcommand, options or {})
+        data = self._interaction_base(
+            2, channel_id, user or self.owner, command, permissions=permissions
+        )
+        return await self._dispatch_interaction(data)
+
+    async def autocomplete(
+        self,
+        name: str,
+        channel_id: int,
+        *,
+        focused: str,
+        subcommand: str | None = None,
+        options: dict[str, str | int] | None = None,
+        permissions: int = 0,
+        user: Json | None = None,
+    ) -> str:
+        """What a client sends while someone types option ``focused`` of command ``name`` (an
+        autocomplete interaction, type 4, the typed value so far in ``options``); return its
+        token (see ``choices``)."""
+        command = self._command_data(name, subcommand, options or {}, focused=focused)
+        data = self._interaction_base(
+            4, channel_id, user or self.owner, command, permissions=permissions
+        )
+        return await self._dispatch_interaction(data)
+
+    def choices(self, token: str) -> list[Json] | None:
+        """The choices an autocomplete interaction was answered with (callback type 8)."""
+        for callback in self.callbacks:
+            if callback["token"] == token and callback.get("type") == 8:
+                return list((callback.get("data") or {}).get("choices") or [])
+        return None
+
+    async def context_menu(
+        self, name: str, message_id: int, *, user: Json | None = None, permissions: int = 0
+    ) -> str:
+        """A message context-menu command (Apps > ``name``) on message ``message_id``: an
+        application command interaction (type 2) of command type 3 with ``target_id`` and the
+        message in ``resolved.messages``; return its token."""
+        msg = self.messages[message_id]
+        command = {
+            "id": str(self.snowflake()),
+            "name": name,
+            "type": 3,
+            "target_id": str(msg.id),
+            "resolved": {"messages": {str(msg.id): self._message_json(msg)}},
+        }
+        data = self._interaction_base(
+            2, msg.channel_id, user or self.owner, command, permissions=permissions
+        )
+        return await self._dispatch_interaction(data)
+
+    def _command_data(
+        self,
+        name: str,
+        subcommand: str | None,
+        options: dict[str, str | int],
+        *,
+        focused: str | None = None,
+    ) -> Json:
         # Option types as Discord sends them: 4 INTEGER, 3 STRING.
-        opts = [
-            {"name": k, "type": 4 if isinstance(v, int) else 3, "value": v}
-            for k, v in (options or {}).items()
-        ]
+        opts: list[Json] = []
+        for key, value in options.items():
+            option: Json = {"name": key, "type": 4 if isinstance(value, int) else 3, "value": value}
+            if key == focused:
+                option["focused"] = True
+            opts.append(option)
+        if focused is not None and focused not in options:
+            opts.append({"name": focused, "type": 3, "value": "", "focused": True})
         if subcommand is not None:
             opts = [{"name": subcommand, "type": 1, "options": opts}]
-        command = {"id": str(self.snowflake()), "name": name, "type": 1, "options": opts}
-        data = self._interaction_base(2, channel_id, user, command, permissions=permissions)
-        token = str(data["token"])
-        await self.dispatch("INTERACTION_CREATE", data)
+        return {"id": str(self.snowflake()), "name": name, "type": 1, "options": opts}
+
+    async def _dispatch_interaction(self, payload: Json) -> str:
+        token = str(payload["token"])
+        self.interaction_times[token] = self.clock()
+        await self.dispatch("INTERACTION_CREATE", payload)
         return token
+
+    def responses(self, token: str) -> list[Json]:
+        """The callbacks interaction ``token`` was answered with, in order (normally one)."""
+        return [c for c in self.callbacks if c["token"] == token]
+
+    def acknowledged_after(self, token: str) -> float | None:
+        """Seconds from dispatching interaction ``token`` to its first callback (None: none)."""
+        sent = self.interaction_times.get(token)
+        answers = self.responses(token)
+        if sent is None or not answers:
+            return None
+        return float(answers[0]["at"]) - sent
 
     def _interaction_base(
         self, kind: int, channel_id: int, user: Json, data: Json, *, permissions: int = 0
@@ -775,8 +872,7 @@ class FakeDiscord:
         data = {"custom_id": custom_id, "component_type": 2}
         payload = self._interaction_base(3, msg.channel_id, user or self.owner, data)
         payload["message"] = self._message_json(msg)
-        await self.dispatch("INTERACTION_CREATE", payload)
-        return str(payload["token"])
+        return await self._dispatch_interaction(payload)
 
     def modal_opened(self, token: str) -> Json | None:
         """The modal an interaction was answered with (callback type 9), if any."""
@@ -807,8 +903,7 @@ class FakeDiscord:
         }
         channel_id = self._interaction_channels[token]
         payload = self._interaction_base(5, channel_id, user or self.owner, data)
-        await self.dispatch("INTERACTION_CREATE", payload)
-        return str(payload["token"])
+        return await self._dispatch_interaction(payload)
 
     # ---- gateway -----------------------------------------------------------------------------
 
