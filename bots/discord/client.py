@@ -31,7 +31,7 @@ from discord import app_commands
 from discord.gateway import DiscordWebSocket
 
 from bots.discord.attachments import attachment
-from bots.discord.controls import RegenerateButton, StopButton, key_on
+from bots.discord.controls import AnswerButton, key_on
 from bots.discord.feedback import FeedbackButton
 from bots.discord.surface import DiscordReply, place_of
 from core.bot import Budgets, Facts, FrontDoor, PlatformProfile, Route, ThreadLine
@@ -208,7 +208,7 @@ class DiscordBot(discord.Client):
         )
         self.tree = app_commands.CommandTree(self)
         # Buttons under answers, also those an earlier process posted.
-        self.add_dynamic_items(FeedbackButton, StopButton, RegenerateButton)
+        self.add_dynamic_items(FeedbackButton, AnswerButton)
         #: Whether the last start pushed commands to Discord (False: they were up to date).
         self.commands_synced: bool | None = None
         self._add_commands()
@@ -410,7 +410,7 @@ class DiscordBot(discord.Client):
     async def stop_clicked(
         self, interaction: discord.Interaction[Any], key: ConversationKey
     ) -> None:
-        """Stop on a streaming answer (``bots.discord.controls.StopButton``)."""
+        """Stop on a streaming answer (``bots.discord.controls.stop_button``)."""
         # Acknowledged first, within Discord's 3 s (type 6: the message stays as it is).
         await interaction.response.defer()
         try:
@@ -425,7 +425,7 @@ class DiscordBot(discord.Client):
     async def regenerate_clicked(
         self, interaction: discord.Interaction[Any], key: ConversationKey, message_id: str
     ) -> None:
-        """Regenerate on an answer's last message (``bots.discord.controls.RegenerateButton``)."""
+        """Regenerate on an answer's last message (``bots.discord.controls.regenerate_button``)."""
         await interaction.response.defer()
         refusal = await self._regenerate(interaction, key, message_id)
         if refusal is not None:

@@ -28,7 +28,9 @@ REGENERATE_PREFIX = "threadbot:regen:"
 #: A conversation key after the prefix: workspace (a guild id, or ``@me`` for DMs), channel and
 #: thread (empty for a DM). At most 16 + 62 characters: within Discord's 100 for a custom_id.
 _KEY = r"(?P<workspace>@me|\d{1,20}):(?P<channel>\d{1,20}):(?P<thread>\d{0,20})"
-_ANY_CONTROL = re.compile(f"(?:{re.escape(STOP_PREFIX)}|{re.escape(REGENERATE_PREFIX)}){_KEY}")
+#: The action of a Stop or Regenerate button's ``custom_id`` (``STOP_PREFIX``, ``REGENERATE_PREFIX``).
+_ACTION = r"threadbot:(?P<action>stop|regen):"
+_ANY_CONTROL = re.compile(_ACTION + _KEY)
 
 
 def key_id(key: ConversationKey) -> str:
@@ -63,21 +65,28 @@ class AnswerControls(Protocol):
     ) -> None: ...
 
 
-class StopButton(
-    discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]],
-    template=re.escape(STOP_PREFIX) + _KEY,
-):
-    """ "Stop" on a streaming answer of conversation ``key``."""
+#: What each button does, as its ``custom_id`` spells it: (label, emoji).
+_ACTIONS = {"stop": ("Stop", "\u23f9\ufe0f"), "regen": ("Regenerate", "\U0001f504")}
 
-    def __init__(self, key: ConversationKey) -> None:
+
+class AnswerButton(
+    discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]],
+    template=_ACTION + _KEY,
+):
+    """ "Stop" on a streaming answer, or "Regenerate" on the final message of an answer, in
+    conversation ``key`` (``stop_button``, ``regenerate_button``)."""
+
+    def __init__(self, action: str, key: ConversationKey) -> None:
+        label, emoji = _ACTIONS[action]
         super().__init__(
             discord.ui.Button(
                 style=discord.ButtonStyle.secondary,
-                label="Stop",
-                emoji="⏹️",
-                custom_id=STOP_PREFIX + key_id(key),
+                label=label,
+                emoji=emoji,
+                custom_id=(STOP_PREFIX if action == "stop" else REGENERATE_PREFIX) + key_id(key),
             )
         )
+        self.action = action
         self.key = key
 
     @classmethod
@@ -87,50 +96,31 @@ class StopButton(
         item: discord.ui.Item[Any],
         match: re.Match[str],
         /,
-    ) -> StopButton:
-        return cls(_key(match))
+    ) -> AnswerButton:
+        return cls(match["action"], _key(match))
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         client = interaction.client
-        if isinstance(client, AnswerControls):
+        if not isinstance(client, AnswerControls):
+            return
+        if self.action == "stop":
             await client.stop_clicked(interaction, self.key)
-
-
-class RegenerateButton(
-    discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]],
-    template=re.escape(REGENERATE_PREFIX) + _KEY,
-):
-    """ "Regenerate" on the final message of an answer in conversation ``key``."""
-
-    def __init__(self, key: ConversationKey) -> None:
-        super().__init__(
-            discord.ui.Button(
-                style=discord.ButtonStyle.secondary,
-                label="Regenerate",
-                emoji="🔄",
-                custom_id=REGENERATE_PREFIX + key_id(key),
-            )
-        )
-        self.key = key
-
-    @classmethod
-    async def from_custom_id(
-        cls,
-        interaction: discord.Interaction[Any],
-        item: discord.ui.Item[Any],
-        match: re.Match[str],
-        /,
-    ) -> RegenerateButton:
-        return cls(_key(match))
-
-    async def callback(self, interaction: discord.Interaction[Any]) -> None:
-        client = interaction.client
-        if isinstance(client, AnswerControls) and interaction.message is not None:
+        elif interaction.message is not None:
             await client.regenerate_clicked(interaction, self.key, str(interaction.message.id))
+
+
+def stop_button(key: ConversationKey) -> AnswerButton:
+    """ "Stop" on a streaming answer of conversation ``key``."""
+    return AnswerButton("stop", key)
+
+
+def regenerate_button(key: ConversationKey) -> AnswerButton:
+    """ "Regenerate" on the final message of an answer in conversation ``key``."""
+    return AnswerButton("regen", key)
 
 
 def stop_view(key: ConversationKey) -> discord.ui.View:
     """The view of a message that is still streaming: the Stop button alone."""
     view = discord.ui.View(timeout=None)
-    view.add_item(StopButton(key))
+    view.add_item(stop_button(key))
     return view

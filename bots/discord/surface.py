@@ -22,7 +22,7 @@ from typing import Any, Literal
 import aiohttp
 import discord
 
-from bots.discord.controls import RegenerateButton, stop_view
+from bots.discord.controls import regenerate_button, stop_view
 from bots.discord.feedback import feedback_view
 from core.bot import Budgets, RateScope
 from core.conversation import ConversationKey
@@ -205,7 +205,7 @@ class DiscordReply:
         sends only the view, so the text stays exactly as shown (``shown`` is not needed)."""
         view = feedback_view(reply_id)
         if self.key is not None:
-            view.add_item(RegenerateButton(self.key))
+            view.add_item(regenerate_button(self.key))
         partial = discord.PartialMessage(channel=self.channel, id=int(message_id))  # type: ignore[arg-type]
         with translated_errors(scope_key(self.channel_id, "edit")):
             await partial.edit(view=view, allowed_mentions=discord.AllowedMentions.none())
