@@ -84,9 +84,10 @@ async def test_stop_keeps_the_answer_as_shown_with_a_note_and_records_it_stopped
     assert task is not None
     await until(lambda: "w3 " in shown(chat, "t1"))
 
-    # Two clicks at once: both see the answer streaming, and it stops once.
+    # Two clicks at once: the answer stops once. The second click sees it streaming (True)
+    # or, when its look-up comes after the stop has landed, nothing left to stop (False).
     stops = await asyncio.gather(door.stop(arrival.key, user_id="alice"), door.stop(arrival.key))
-    assert stops == [True, True]
+    assert True in stops
     result = await task
     assert result is not None and result.status == "cancelled"
     text = shown(chat, "t1")
