@@ -133,6 +133,9 @@ STATUS_TIMEOUT_SECONDS = 2.0
 #: reply looks again whether a progress edit would go now (bounds, in seconds).
 HOLD_RECHECK_MIN_SECONDS = 0.1
 HOLD_RECHECK_MAX_SECONDS = 1.0
+#: A look at the edit budget this much before it is due counts as due: a wait's timer may fire
+#: a hair early (and a float clock may never reach the exact time).
+HOLD_LOOK_EARLY_SECONDS = 0.001
 
 _STREAMING, _FINISHED, _FAILED, _CANCELLED = "streaming", "finished", "failed", "cancelled"
 #: What a resumed message is taken to show: never equal to a target, so it is edited.
@@ -275,6 +278,10 @@ class ReplyStreamer:
         # The first post no longer waits for an edit to be due (see the class docstring), and
         # the announcement of the edit it will need (``Budgets.hold``) until that is granted.
         self._post_released = False
+        # While the first post is held: when to look at the edit budget again. New text does
+        # not change the budget's answer, so a token does not look (the look may ask Redis or
+        # PostgreSQL); the answer's completion ends the hold at once.
+        self._look_again_at = 0.0
         self._release_edit: Callable[[], None] | None = None
         self.calls = 0
         self.rate_limited = 0
@@ -477,11 +484,18 @@ class ReplyStreamer:
                 self._status_landed()
                 plan = self._plan()
                 if plan is not None and self._holds_first_post(plan):
-                    if await self._budgets.idle(self._surface.scopes("edit"), progress=True):
+                    edits = self._surface.scopes("edit")
+                    look = self._now() >= self._look_again_at - HOLD_LOOK_EARLY_SECONDS
+                    if look and await self._budgets.idle(edits, progress=True):
                         # Edits are due now: stream by post + edit, announcing the edit.
                         self._post_released = True
-                        self._release_edit = self._budgets.hold(self._surface.scopes("edit"))
+                        self._release_edit = self._budgets.hold(edits)
                     else:
+                        if look:
+                            due = self._budgets.delay(edits, progress=True)
+                            self._look_again_at = self._now() + min(
+                                HOLD_RECHECK_MAX_SECONDS, max(HOLD_RECHECK_MIN_SECONDS, due)
+                            )
                         await self._idle(hold=True)
                         continue
                 if plan is None:
@@ -530,7 +544,8 @@ class ReplyStreamer:
 
     async def _idle(self, *, hold: bool) -> None:
         """Wait for something to do: new text or a phase change (``_wake``), the status call's
-        answer, the status's refresh, or (``hold``) the next look at the edit budget."""
+        answer, the status's refresh, or (``hold``) the next look at the edit budget
+        (``_look_again_at``)."""
         wake = asyncio.ensure_future(self._wake.wait())
         waits: list[asyncio.Future[Any]] = [wake]
         timeout: float | None = None
@@ -541,8 +556,7 @@ class ReplyStreamer:
             # Nothing posted yet: keep the typing indicator alive while we wait.
             timeout = max(0.0, self._status_at + self._typing_refresh - self._now())
         if hold:
-            due = self._budgets.delay(self._surface.scopes("edit"), progress=True)
-            recheck = min(HOLD_RECHECK_MAX_SECONDS, max(HOLD_RECHECK_MIN_SECONDS, due))
+            recheck = max(0.0, self._look_again_at - self._now())
             timeout = recheck if timeout is None else min(timeout, recheck)
         try:
             await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
