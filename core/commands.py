@@ -47,6 +47,12 @@ STREAMING_MODES = {
     "update": "appear in a message edited as the answer grows",
     "auto": "stream natively where only the asker reads them (DMs), else in an edited message",
 }
+#: Where a conversation's system prompt or model comes from, in words.
+SETTING_SOURCES = {
+    "conversation": "set for this conversation",
+    "channel": "this channel's default",
+    "default": "the bot's default",
+}
 #: Shown in a reply cut short by a reset.
 CANCELLED_BY_RESET = "Stopped: the conversation was reset."
 
@@ -325,11 +331,7 @@ class CommandRunner:
             channel.system_prompt,
             await self.store.deployment_setting(DEPLOYMENT_SYSTEM_PROMPT),
         )
-        source = {
-            "conversation": "set for this conversation",
-            "channel": "this channel's default",
-            "default": "the bot's default",
-        }[variant]
+        source = SETTING_SOURCES[variant]
         return f"System prompt ({source}):\n> {_quote(prompt)}"
 
     async def _history_command(
@@ -393,11 +395,7 @@ class CommandRunner:
         done = {"model_set": "Done. ", "model_clear": "Back to the default. "}.get(
             command.action, ""
         )
-        own = {
-            "conversation": "set for this conversation",
-            "channel": "this channel's default",
-            "default": "the bot's default",
-        }[source]
+        own = SETTING_SOURCES[source]
         return f"{done}This conversation uses `{choice.name}` ({own}). The choices: {choices}."
 
     async def _streaming_command(

@@ -527,6 +527,16 @@ def _conversation(row: ConversationRow) -> Conversation:
     )
 
 
+def _still_sent() -> Any:
+    """The condition of messages still sent as history (``UNSENT_STATUSES`` aside)."""
+    return or_(MessageRow.status.is_(None), MessageRow.status.not_in(UNSENT_STATUSES))
+
+
+def _id_list(joined: str | None) -> tuple[str, ...]:
+    """Platform message ids stored comma-separated, as a tuple."""
+    return tuple(filter(None, (joined or "").split(",")))
+
+
 def _message(row: MessageRow) -> StoredMessage:
     role: Role = "assistant" if row.role == "assistant" else "user"
     return StoredMessage(
@@ -550,7 +560,7 @@ def _turn(row: TurnRow) -> TurnRecord:
         question=row.question,
         status=row.status,
         reply_to=row.reply_to,
-        reply_message_ids=tuple(filter(None, (row.reply_message_ids or "").split(","))),
+        reply_message_ids=_id_list(row.reply_message_ids),
         worker=row.worker,
         lease_until=_aware(row.lease_until),
         takeovers=row.takeovers,
@@ -937,7 +947,7 @@ class ConversationStore:
             .where(
                 MessageRow.conversation_id == conversation.id,
                 MessageRow.generation == _current_generation(conversation.id),
-                or_(MessageRow.status.is_(None), MessageRow.status.not_in(UNSENT_STATUSES)),
+                _still_sent(),
             )
             .order_by(MessageRow.id.desc())
         )
@@ -1024,7 +1034,7 @@ class ConversationStore:
                 MessageRow.conversation_id == conversation_id,
                 MessageRow.generation == _current_generation(conversation_id),
                 MessageRow.role == "assistant",
-                or_(MessageRow.status.is_(None), MessageRow.status.not_in(UNSENT_STATUSES)),
+                _still_sent(),
             )
             .order_by(MessageRow.id.desc())
             .limit(1)
@@ -1035,7 +1045,7 @@ class ConversationStore:
             return None
         row, reply_ids = found
         shown = row.platform_message_ids or reply_ids or ""
-        return _message(row), row.turn_id, tuple(filter(None, shown.split(",")))
+        return _message(row), row.turn_id, _id_list(shown)
 
     async def start_regeneration(
         self,
@@ -1062,7 +1072,7 @@ class ConversationStore:
                 update(MessageRow)
                 .where(
                     MessageRow.id == answer_id,
-                    or_(MessageRow.status.is_(None), MessageRow.status.not_in(UNSENT_STATUSES)),
+                    _still_sent(),
                 )
                 .values(status="replaced")
             )
@@ -1607,7 +1617,7 @@ class ConversationStore:
         """The latest answer of a conversation (replaced answers aside), for ``/good`` ``/bad``."""
         return await self._rated_reply(
             MessageRow.conversation_id == conversation_id,
-            or_(MessageRow.status.is_(None), MessageRow.status.not_in(UNSENT_STATUSES)),
+            _still_sent(),
         )
 
     async def _rated_reply(self, *conditions: Any) -> RatedReply | None:
@@ -1627,7 +1637,7 @@ class ConversationStore:
             id=row.id,
             conversation_id=row.conversation_id,
             platform=platform,
-            platform_message_ids=tuple(filter(None, (row.platform_message_ids or "").split(","))),
+            platform_message_ids=_id_list(row.platform_message_ids),
             content=row.content,
         )
 
